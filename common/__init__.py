@@ -1,0 +1,1 @@
+"""Torch-free pieces shared by every component: config, errors, sampling, tokenizer, block hashing."""

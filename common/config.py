@@ -1,0 +1,201 @@
+"""The configuration tree: frozen dataclasses validated on construction.
+
+Every component's options live here as one dataclass each. A CLI flag, an
+environment variable and a Helm value map one-to-one onto a field:
+``EngineConfig.max_num_batched_tokens`` is ``--max-num-batched-tokens`` and
+``PDSERVE_ENGINE_MAX_NUM_BATCHED_TOKENS``. This is the only module that reads
+environment variables (:func:`config_from_env`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from common.errors import ConfigError
+
+T = TypeVar("T")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+ROLES = ("colocated", "prefill", "decode")
+
+
+def _check(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(message, field=field)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of one engine instance (one model replica on one device)."""
+
+    model: str = ""
+    """Hugging Face checkpoint directory (config.json, safetensors, tokenizer)."""
+    dtype: str = "auto"
+    """Weight and KV dtype: auto (the checkpoint's), float32, bfloat16, float16."""
+    device: str = "auto"
+    """auto (cuda if present, else cpu), cpu, cuda or cuda:N."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """KV blocks to allocate; overrides kv_cache_memory_gib when set."""
+    kv_cache_memory_gib: float | None = None
+    """KV cache size; default: 1 GiB on CPU, gpu_memory_utilization of free memory on GPU."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's memory the engine may use (weights + activations + KV)."""
+    max_model_len: int | None = None
+    """Longest context (prompt + output); default: the model's max_position_embeddings."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one engine step (decode tokens + prefill chunks)."""
+    max_num_requests: int = 128
+    """Most requests in the running batch (the static batch-size limit)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes across requests."""
+    attention_backend: str = "auto"
+    """auto, torch (reference), triton or flash_attn."""
+    batch_policy: str = "static"
+    """Batch-size policy name (see engine.batch_policy)."""
+    enforce_eager: bool = False
+    """Never use CUDA graphs."""
+    seed: int = 0
+    """Seed of the sampler's generator for unseeded random requests."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, "block_size",
+               f"must be a positive power of two, got {self.block_size}")
+        _check(self.num_blocks is None or self.num_blocks > 0, "num_blocks",
+               f"must be positive, got {self.num_blocks}")
+        _check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0, "kv_cache_memory_gib",
+               f"must be positive, got {self.kv_cache_memory_gib}")
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+               f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len",
+               f"must be positive, got {self.max_model_len}")
+        _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens",
+               f"must be positive, got {self.max_num_batched_tokens}")
+        _check(self.max_num_requests > 0, "max_num_requests",
+               f"must be positive, got {self.max_num_requests}")
+        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+               f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+
+
+# --- mapping onto CLI flags and environment variables -------------------------------------------
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
+    """(scalar type, optional) of a dataclass field, resolving string annotations."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return hint, False
+
+
+def _parse_value(cls: type, f: dataclasses.Field, raw: str) -> Any:
+    typ, optional = _field_type(cls, f)
+    if optional and raw.lower() in ("", "none", "null"):
+        return None
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ in (int, float, str):
+            return typ(raw)
+        if typing.get_origin(typ) is tuple:
+            elem = typing.get_args(typ)[0]
+            return tuple(elem(x) for x in raw.split(",") if x.strip())
+    except ValueError as e:
+        raise ConfigError(f"cannot parse {raw!r} as {getattr(typ, '__name__', typ)}",
+                          field=f.name) from e
+    raise ConfigError(f"unsupported field type {typ}", field=f.name)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per field of ``cls``; defaults stay unset so env and file can fill them."""
+    group = parser.add_argument_group(cls.__name__)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        typ, _ = _field_type(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        if typ is bool:
+            group.add_argument(_flag(f.name), dest=f.name, default=None,
+                               action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            group.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(),
+                               help=help_)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string literal under each field) for --help."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            docs[prev.target.id] = node.value.value.strip()
+    return docs
+
+
+def env_prefix(cls: type) -> str:
+    """``EngineConfig`` -> ``PDSERVE_ENGINE_``."""
+    name = cls.__name__.removesuffix("Config")
+    snake = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    return f"PDSERVE_{snake.upper()}_"
+
+
+def config_from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Field values set through ``PDSERVE_<COMPONENT>_<FIELD>`` environment variables."""
+    environ = os.environ if environ is None else environ
+    prefix = env_prefix(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        raw = environ.get(prefix + f.name.upper())
+        if raw is not None:
+            out[f.name] = _parse_value(cls, f, raw)
+    return out
+
+
+def build_config(cls: type[T], args: argparse.Namespace | None = None, *,
+                 environ: Mapping[str, str] | None = None, **overrides: Any) -> T:
+    """Defaults < environment < CLI flags < explicit overrides."""
+    values: dict[str, Any] = config_from_env(cls, environ)
+    if args is not None:
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            raw = getattr(args, f.name, None)
+            if raw is not None:
+                values[f.name] = raw if not isinstance(raw, str) else _parse_value(cls, f, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(f"unknown option for {cls.__name__}", field=name)
+    return cls(**values)

@@ -1,0 +1,193 @@
+"""``EngineCore``: one model replica, driven one step at a time.
+
+It validates and admits requests (``add_request``), runs ``step()`` =
+schedule → execute → update → outputs, and ends requests from outside a step
+(``abort``, ``release``). The same core serves every role:
+
+* colocated: ``add_request(...)`` and step until finished;
+* prefill: ``add_request(..., mode=RequestMode.PREFILL_ONLY)``; the step that
+  samples the first token finishes it with reason ``prefilled`` while its
+  blocks stay allocated (``block_ids``) until ``release``;
+* decode: ``add_request(..., mode=RequestMode.REMOTE_KV)``; a step reserves its
+  blocks (``take_reservations``), a KV consumer fills them, then
+  ``finish_remote_kv`` (KV and first token arrived) or ``fail_remote_kv``
+  (compute the prompt here instead).
+
+Not thread-safe: one thread owns a core (the worker's engine loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import EngineConfig
+from common.errors import InvalidRequestError
+from common.sampling import SamplingParams
+from common.tokenizer import Tokenizer
+from engine.batch_policy import make_batch_policy
+from engine.kv_cache_manager import KVCacheManager
+from engine.models import load_model_config, resolve_dtype
+from engine.output import OutputProcessor, RequestOutput
+from engine.request import Request, RequestMode, RequestStatus, TokenLogprobs
+from engine.runner import ModelRunner
+from engine.scheduler import KVReservation, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, *, record_kv_events: bool = False) -> None:
+        self.config = config
+        self.model_config = load_model_config(config.model)
+        mc = self.model_config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, mc)
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        has_tokenizer = (Path(config.model) / "tokenizer.json").is_file()
+        self.tokenizer = Tokenizer.from_dir(config.model) if has_tokenizer else None
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer is not None:
+            eos |= self.tokenizer.eos_token_ids
+        self.eos_token_ids = frozenset(eos)
+        self.runner = ModelRunner(config, mc, device=self.device, dtype=self.dtype,
+                                  max_model_len=self.max_model_len)
+        num_blocks = self.runner.plan_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching,
+                                 record_events=record_kv_events)
+        self.scheduler = Scheduler(config, self.kv, make_batch_policy(config.batch_policy))
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._reservations: list[KVReservation] = []
+        self._finished_outside_step: list[RequestOutput] = []
+
+    # --- intake ---------------------------------------------------------------------------------
+
+    def validate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+        """Raise :class:`InvalidRequestError` naming the field if the request cannot be served."""
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("must be a non-empty string", field="request_id")
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request {request_id!r} already exists", field="request_id")
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidRequestError("must be a SamplingParams", field="sampling")
+        if not isinstance(prompt_token_ids, list) or not prompt_token_ids:
+            raise InvalidRequestError("must be a non-empty list of token ids", field="prompt")
+        vocab = self.model_config.vocab_size
+        for t in prompt_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidRequestError(f"token id {t!r} is outside the vocabulary [0, {vocab})",
+                                          field="prompt")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {n} tokens; this model's context is "
+                                      f"{self.max_model_len} tokens", field="prompt")
+        if n + sampling.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens", field="max_tokens")
+        if self.kv.blocks_needed(n + sampling.max_tokens) > self.kv.num_blocks:
+            raise InvalidRequestError(
+                f"prompt + max_tokens needs more KV blocks than this engine has ({self.kv.num_blocks})",
+                field="max_tokens")
+        if any(t >= vocab for t in sampling.stop_token_ids):
+            raise InvalidRequestError("stop token id outside the vocabulary", field="stop_token_ids")
+        if sampling.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer in the model directory", field="stop")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, *,
+                    mode: RequestMode = RequestMode.COLOCATED, arrival_time: float | None = None) -> None:
+        self.validate(request_id, prompt_token_ids, sampling)
+        generator = None
+        if sampling.seed is not None and not sampling.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(sampling.seed)
+        request = Request(request_id, list(prompt_token_ids), sampling, self.eos_token_ids, self.max_model_len,
+                          mode=mode, generator=generator)
+        if arrival_time is not None:
+            request.arrival_time = arrival_time
+        self.outputs.add(request)
+        self.scheduler.add_request(request)
+
+    # --- ends from outside a step ---------------------------------------------------------------
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request in any state and free its blocks; its final output comes from the next step."""
+        request = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        if request is None:
+            return None
+        output = self.outputs.finish(request)
+        self._finished_outside_step.append(output)
+        return output
+
+    def release(self, request_id: str) -> bool:
+        """Free the blocks a prefilled (PREFILL_ONLY) request holds. False if there was none."""
+        request = self.scheduler.prefilled.get(request_id)
+        if request is None:
+            return False
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED)
+        return True
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self.kv.block_ids(request_id)
+
+    # --- remote KV (decode role) ----------------------------------------------------------------
+
+    def take_reservations(self) -> list[KVReservation]:
+        """REMOTE_KV requests whose blocks were reserved since the last call: start their transfers."""
+        out, self._reservations = self._reservations, []
+        return out
+
+    def finish_remote_kv(self, request_id: str, first_token_id: int,
+                         logprobs: TokenLogprobs | None = None) -> RequestOutput:
+        request = self.scheduler.finish_remote_kv(request_id, first_token_id, logprobs)
+        output, stopped = self.outputs.process(request)
+        if stopped:
+            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED)
+        return output
+
+    def fail_remote_kv(self, request_id: str) -> None:
+        self.scheduler.fail_remote_kv(request_id)
+
+    # --- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._finished_outside_step = self._finished_outside_step, []
+        sched = self.scheduler.schedule()
+        self._reservations.extend(sched.reserved)
+        if sched.empty:
+            return outputs
+        start = time.perf_counter()
+        result = self.runner.execute(sched)
+        self.scheduler.record_step_time(time.perf_counter() - start)
+        for request in self.scheduler.update(sched, result):
+            output, stopped = self.outputs.process(request)
+            if stopped:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(output)
+        return outputs
+
+    # --- introspection --------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._finished_outside_step)
+
+    def leaks(self) -> dict[str, list]:
+        """Anything not returned: referenced blocks and live requests. Empty lists when clean."""
+        return {"blocks": self.kv.pool.leaks(), "requests": list(self.scheduler.requests),
+                "block_owners": self.kv.owners()}
+
+    def assert_no_leaks(self) -> None:
+        leaks = self.leaks()
+        if any(leaks.values()):
+            raise AssertionError(f"engine leaked: {leaks}")
