@@ -49,6 +49,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_handler(role: str) -> Handler:
+    def handle(args: argparse.Namespace) -> int:
+        from common.config import WorkerConfig
+        from worker.server import run
+
+        if not args.model:
+            from engine.demo_model import ensure_demo_model
+
+            args.model = str(ensure_demo_model())
+        return run(role, build_config(EngineConfig, args), build_config(WorkerConfig, args))
+    return handle
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -70,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     add_config_args(p, EngineConfig)
     p.set_defaults(handler=_cmd_generate)
+
+    from common.config import WorkerConfig
+
+    for role in ("prefill", "decode"):
+        p = sub.add_parser(f"{role}-worker", help=f"serve an engine in the {role} role over gRPC")
+        add_config_args(p, EngineConfig)
+        add_config_args(p, WorkerConfig)
+        p.set_defaults(handler=_worker_handler(role))
     return parser
 
 

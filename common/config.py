@@ -89,6 +89,64 @@ class EngineConfig:
                f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 
 
+KV_TRANSPORTS = ("grpc", "local", "nccl")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Options of a prefill or decode worker process (the engine's are in EngineConfig)."""
+
+    host: str = "127.0.0.1"
+    """Address to serve gRPC on: the pod IP in Kubernetes; loopback by default."""
+    port: int = 50051
+    """gRPC port (0 picks a free one, printed at start)."""
+    instance_id: str = ""
+    """Name in load reports and KV events; default host:port."""
+    metrics_port: int | None = None
+    """Serve Prometheus /metrics on this port (same host)."""
+    prefill_peers: tuple[str, ...] = ()
+    """Decode role: the prefill workers (host:port) it may pull KV from; any other address is refused."""
+    kv_transport: str = "grpc"
+    """Default KV transport when a request names none: grpc, local or nccl."""
+    kv_num_streams: int = 1
+    """Parallel gRPC streams per KV transfer when a request names none."""
+    kv_checksum: bool = True
+    """Checksum KV payloads (headers are always checksummed)."""
+    kv_transfer_timeout_s: float = 30.0
+    """Deadline of one KV transfer, prefill compute included."""
+    kv_lease_s: float = 30.0
+    """Prefill role: how long a finished prefill's blocks wait for their consumer before being freed."""
+    local_prefill_max_tokens: int = 32
+    """Decode role: prompts with at most this many uncached tokens are prefilled locally."""
+    local_prefill_min_cached_ratio: float = 0.9
+    """Decode role: prompts at least this fraction cached locally are prefilled locally."""
+    max_message_mib: int = 512
+    """Largest gRPC message, both ways."""
+    drain_timeout_s: float = 60.0
+    """How long a drain waits for in-flight requests before giving up."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
+        _check(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port",
+               f"must be in [0, 65535], got {self.metrics_port}")
+        _check(self.kv_transport in KV_TRANSPORTS, "kv_transport",
+               f"must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
+        _check(1 <= self.kv_num_streams <= 16, "kv_num_streams", f"must be in [1, 16], got {self.kv_num_streams}")
+        _check(self.kv_transfer_timeout_s > 0, "kv_transfer_timeout_s", "must be positive")
+        _check(self.kv_lease_s > 0, "kv_lease_s", "must be positive")
+        _check(self.local_prefill_max_tokens >= 0, "local_prefill_max_tokens", "must be >= 0")
+        _check(0 < self.local_prefill_min_cached_ratio <= 1, "local_prefill_min_cached_ratio",
+               "must be in (0, 1]")
+        _check(self.max_message_mib > 0, "max_message_mib", "must be positive")
+        for peer in self.prefill_peers:
+            host, sep, port = peer.rpartition(":")
+            _check(bool(sep and host and port.isdigit()), "prefill_peers", f"{peer!r} is not host:port")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
 # --- mapping onto CLI flags and environment variables -------------------------------------------
 
 

@@ -32,6 +32,7 @@ class Block:
     block_hash: int | None = None  # set while registered in the prefix cache
     token_ids: tuple[int, ...] | None = None
     parent_key: BlockKey | None = None
+    parent_hash: int | None = None  # for KV events: the router indexes blocks by hash chain
     generation: int = 0
 
     @property
@@ -85,6 +86,7 @@ class BlockPool:
         block.block_hash = None
         block.token_ids = None
         block.parent_key = None
+        block.parent_hash = None
 
     def touch(self, blocks: Iterable[Block]) -> None:
         """Add a reference to each block, taking free (cached) ones out of the free queue."""
@@ -120,10 +122,15 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = token_ids
         block.parent_key = parent_key
+        block.parent_hash = parent_hash
         self._cached[block_hash] = block
         if self.record_events:
             self.events.stored.append((block_hash, parent_hash))
         return True
+
+    def cached_hashes(self) -> list[tuple[int, int | None]]:
+        """Every registered (hash, parent hash): the snapshot a new KV-event subscriber starts from."""
+        return [(h, b.parent_hash) for h, b in self._cached.items()]
 
     def drain_events(self) -> KVEvents:
         events, self.events = self.events, KVEvents()

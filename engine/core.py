@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -34,9 +36,41 @@ from engine.models import load_model_config, resolve_dtype
 from engine.output import OutputProcessor, RequestOutput
 from engine.request import Request, RequestMode, RequestStatus, TokenLogprobs
 from engine.runner import ModelRunner
-from engine.scheduler import KVReservation, Scheduler
+from engine.scheduler import KVReservation, ScheduledRequest, Scheduler
 
 logger = logging.getLogger(__name__)
+
+
+class KVStepHooks(Protocol):
+    """Engine-thread callbacks of a KV producer (the prefill side streams KV as layers finish)."""
+
+    def begin_step(self, scheduled: list[ScheduledRequest]) -> bool:
+        """Called before the forward pass; True if ``layer_done`` should be called this step."""
+        ...
+
+    def layer_done(self, layer: int) -> None:
+        """Called after layer ``layer`` has written its KV for every scheduled token."""
+        ...
+
+    def end_step(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """What a load report says about this engine (taken on the engine thread)."""
+
+    num_running: int
+    num_waiting: int
+    num_awaiting_kv: int
+    num_prefilled_held: int
+    num_queued_prefill_tokens: int
+    num_free_blocks: int
+    num_total_blocks: int
+    block_size: int
+    recent_step_times_s: tuple[float, ...]
+    num_prefix_cache_queries: int
+    num_prefix_cache_hits: int
+    num_preemptions: int
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,6 +104,7 @@ class EngineCore:
         self.outputs = OutputProcessor(self.tokenizer)
         self._reservations: list[KVReservation] = []
         self._finished_outside_step: list[RequestOutput] = []
+        self.kv_hooks: KVStepHooks | None = None
 
     # --- intake ---------------------------------------------------------------------------------
 
@@ -167,8 +202,14 @@ class EngineCore:
         self._reservations.extend(sched.reserved)
         if sched.empty:
             return outputs
+        hooks = self.kv_hooks
+        on_layer_done = hooks.layer_done if hooks is not None and hooks.begin_step(sched.scheduled) else None
         start = time.perf_counter()
-        result = self.runner.execute(sched)
+        try:
+            result = self.runner.execute(sched, on_layer_done)
+        finally:
+            if hooks is not None:
+                hooks.end_step()
         self.scheduler.record_step_time(time.perf_counter() - start)
         for request in self.scheduler.update(sched, result):
             output, stopped = self.outputs.process(request)
@@ -181,6 +222,27 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._finished_outside_step)
+
+    def has_pending_outputs(self) -> bool:
+        return bool(self._finished_outside_step)
+
+    def peek_cached_tokens(self, prompt_token_ids: list[int]) -> int:
+        """Prompt tokens this engine's prefix cache holds now (no side effects)."""
+        probe = Request("probe", list(prompt_token_ids), SamplingParams(), self.eos_token_ids, self.max_model_len)
+        return self.kv.find_cached_prefix(probe)[1]
+
+    def load(self) -> EngineLoad:
+        sched = self.scheduler
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        queued += sum(r.num_tokens - r.num_computed_tokens for r in sched.running
+                      if r.num_tokens - r.num_computed_tokens > 1)
+        return EngineLoad(
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            num_awaiting_kv=len(sched.awaiting_kv), num_prefilled_held=len(sched.prefilled),
+            num_queued_prefill_tokens=queued, num_free_blocks=self.kv.num_free_blocks,
+            num_total_blocks=self.kv.num_blocks, block_size=self.kv.block_size,
+            recent_step_times_s=sched.recent_step_times(), num_prefix_cache_queries=self.kv.stats.queries,
+            num_prefix_cache_hits=self.kv.stats.hits, num_preemptions=sched.stats.num_preemptions)
 
     def leaks(self) -> dict[str, list]:
         """Anything not returned: referenced blocks and live requests. Empty lists when clean."""

@@ -151,10 +151,13 @@ class Scheduler:
             num_running=len(self.running) + len(self.awaiting_kv),
             num_free_blocks=self.kv.num_free_blocks, num_total_blocks=self.kv.num_blocks,
             block_size=self.kv.block_size, max_num_requests=self.config.max_num_requests,
-            recent_step_times_s=tuple(self._step_times), waiting=waiting)
+            recent_step_times_s=self.recent_step_times(), waiting=waiting)
 
     def record_step_time(self, seconds: float) -> None:
         self._step_times.append(seconds)
+
+    def recent_step_times(self) -> tuple[float, ...]:
+        return tuple(self._step_times)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)

@@ -1,0 +1,1 @@
+"""Python modules generated from proto/ by scripts/gen_proto. Do not edit; regenerate."""

@@ -1,0 +1,138 @@
+"""Encoding and decoding of KV stream messages without copying payloads twice.
+
+A chunk message is an ordinary protobuf ``KVMessage`` on the wire; it is just
+assembled by hand, so the payload is copied once, straight from the cache into
+the message, and parsed by hand, so the receiver gets a view of the payload
+inside the received buffer instead of a copy. ``PrefillDone`` messages and any
+message this parser does not expect go through the protobuf classes.
+
+Every header carries an xxh3-64 checksum of itself (serialized with the
+checksum field zero), and optionally of its payload, so a corrupted or
+truncated message is rejected rather than decoded from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import xxhash
+
+from common.errors import KVTransferError
+from common.rpc import worker_pb2 as pb
+
+_TAG_1_LEN = b"\x0a"  # field 1, length-delimited
+_TAG_2_LEN = b"\x12"  # field 2, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise KVTransferError("truncated KV message")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise KVTransferError("malformed varint in KV message")
+
+
+def payload_checksum(parts: Sequence[memoryview | bytes]) -> int:
+    h = xxhash.xxh3_64()
+    for p in parts:
+        h.update(p)
+    return h.intdigest()
+
+
+def seal_header(header: pb.KVChunkHeader) -> bytes:
+    """Set the header's checksum and return it serialized."""
+    header.header_checksum = 0
+    header.header_checksum = xxhash.xxh3_64_intdigest(header.SerializeToString())
+    return header.SerializeToString()
+
+
+def verify_header(header: pb.KVChunkHeader) -> None:
+    claimed = header.header_checksum
+    copy = pb.KVChunkHeader()
+    copy.CopyFrom(header)
+    copy.header_checksum = 0
+    if xxhash.xxh3_64_intdigest(copy.SerializeToString()) != claimed:
+        raise KVTransferError("KV chunk header checksum mismatch", code="checksum")
+
+
+def seal_done(done: pb.PrefillDone) -> pb.KVMessage:
+    done.checksum = 0
+    done.checksum = xxhash.xxh3_64_intdigest(done.SerializeToString())
+    return pb.KVMessage(done=done)
+
+
+def verify_done(done: pb.PrefillDone) -> None:
+    copy = pb.PrefillDone()
+    copy.CopyFrom(done)
+    copy.checksum = 0
+    if xxhash.xxh3_64_intdigest(copy.SerializeToString()) != done.checksum:
+        raise KVTransferError("PrefillDone checksum mismatch", code="checksum")
+
+
+def encode_chunk(header: pb.KVChunkHeader, parts: Sequence[memoryview | bytes], *, checksum: bool,
+                 inline: bool = True) -> bytes:
+    """A serialized ``KVMessage(chunk=KVChunk(header, payload=b"".join(parts)))``.
+
+    With ``inline=False`` the payload travels elsewhere (shared memory, NCCL):
+    the header still states its size and checksum, the message omits it.
+    """
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    header.payload_bytes = size
+    header.payload_checksum = payload_checksum(parts) if checksum else 0
+    hdr = seal_header(header)
+    inner = _TAG_1_LEN + _varint(len(hdr)) + hdr
+    if not inline or not size:
+        return _TAG_1_LEN + _varint(len(inner)) + inner
+    inner += _TAG_2_LEN + _varint(size)
+    return b"".join([_TAG_1_LEN, _varint(len(inner) + size), inner, *parts])
+
+
+def decode_message(raw: bytes) -> tuple[pb.KVChunkHeader, memoryview] | pb.PrefillDone:
+    """A chunk as (verified header, payload view into ``raw``), or a verified PrefillDone."""
+    buf = memoryview(raw)
+    if not raw or buf[0] != 0x0A:
+        msg = pb.KVMessage.FromString(raw)
+        if msg.WhichOneof("kind") != "done":
+            raise KVTransferError("unexpected KV message")
+        verify_done(msg.done)
+        return msg.done
+    length, pos = _read_varint(buf, 1)
+    end = pos + length
+    if end != len(buf):
+        raise KVTransferError("KV message length mismatch", code="checksum")
+    header = None
+    payload = buf[0:0]
+    while pos < end:
+        tag = buf[pos]
+        n, pos = _read_varint(buf, pos + 1)
+        if pos + n > end:
+            raise KVTransferError("truncated KV chunk", code="checksum")
+        if tag == 0x0A:
+            header = pb.KVChunkHeader.FromString(bytes(buf[pos:pos + n]))
+        elif tag == 0x12:
+            payload = buf[pos:pos + n]
+        else:
+            raise KVTransferError(f"unexpected field tag {tag} in KV chunk")
+        pos += n
+    if header is None:
+        raise KVTransferError("KV chunk without a header")
+    verify_header(header)
+    if payload.nbytes and header.payload_checksum and payload_checksum([payload]) != header.payload_checksum:
+        raise KVTransferError("KV payload checksum mismatch", code="checksum")
+    return header, payload

@@ -1,0 +1,213 @@
+"""The prefill side of KV transfers: stream each layer's blocks as soon as the layer is done.
+
+:class:`KVProducer` is installed as the engine's ``kv_hooks``. Before a step it
+notes, for every scheduled request with an open transfer, which whole blocks
+this step completes (all remaining blocks, the last partial one included, on
+the step that finishes the prompt). After each layer it hands those blocks of
+that layer to the transfer's payload sink and queues the resulting control
+message on stream ``layer % num_streams``, where the gRPC handlers pick it up.
+So the first layers are on the wire while later layers are still computing.
+
+A transfer's lifecycle: ``open`` (the Prefill RPC arrived) → chunks stream →
+``prefilled`` (first token sampled; ``PrefillDone`` queued; the lease starts)
+→ ``close`` (every stream drained, or the consumer vanished, or the lease
+ended) → the worker releases the blocks. Engine-thread methods and event-loop
+methods share the transfer table under one lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from common.rpc import worker_pb2 as pb
+from engine.request import TokenLogprobs
+from engine.scheduler import ScheduledRequest
+from kvtransfer.codec import seal_done
+from kvtransfer.layout import KVLayout
+from kvtransfer.transport import PayloadSink
+
+logger = logging.getLogger(__name__)
+
+END = None  # sentinel closing a stream queue
+
+
+@dataclass(slots=True, eq=False)
+class ProducerTransfer:
+    request_id: str
+    num_prompt_tokens: int
+    dest_block_ids: list[int]
+    first_block: int  # prompt block index of dest_block_ids[0]
+    sink: PayloadSink
+    queues: list[asyncio.Queue]
+    next_block: int = 0  # first prompt block not yet sent
+    pending_next: int = 0
+    sequence: int = 0
+    prefilled: bool = False
+    closed: bool = False
+    failed: bool = False  # a sink error on the engine thread; close() follows on the loop
+    error: Exception | None = None  # why the worker ended it, for the caller's status
+    opened_at: float = field(default_factory=time.monotonic)
+    lease: asyncio.TimerHandle | None = None
+    handler_tasks: set[asyncio.Task] = field(default_factory=set)
+    streams_done: set[int] = field(default_factory=set)
+    attached: asyncio.Event = field(default_factory=asyncio.Event)
+    bytes_sent: int = 0
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.queues)
+
+
+@dataclass(slots=True)
+class _Planned:
+    transfer: ProducerTransfer
+    src_block_ids: list[int]
+    dest_block_ids: list[int]
+
+
+class KVProducer:
+    def __init__(self, kv_caches: list[torch.Tensor], loop: asyncio.AbstractEventLoop, *,
+                 lease_s: float) -> None:
+        self.kv_caches = kv_caches
+        self.layout = KVLayout.of_cache(kv_caches)
+        self.loop = loop
+        self.lease_s = lease_s
+        self.transfers: dict[str, ProducerTransfer] = {}
+        self.on_close: Callable[[str, bool], None] | None = None  # (request_id, completed), on the loop
+        self._lock = threading.Lock()
+        self._planned: list[_Planned] = []
+        self.num_completed = 0
+        self.num_failed = 0
+
+    # --- event loop side ------------------------------------------------------------------------
+
+    def open(self, request_id: str, num_prompt_tokens: int, dest_block_ids: list[int], num_cached_tokens: int,
+             sink: PayloadSink, num_streams: int) -> ProducerTransfer:
+        first = num_cached_tokens // self.layout.block_size
+        transfer = ProducerTransfer(request_id, num_prompt_tokens, list(dest_block_ids), first, sink,
+                                    [asyncio.Queue() for _ in range(num_streams)], next_block=first,
+                                    pending_next=first)
+        with self._lock:
+            self.transfers[request_id] = transfer
+        return transfer
+
+    def get(self, request_id: str) -> ProducerTransfer | None:
+        with self._lock:
+            return self.transfers.get(request_id)
+
+    def prefilled(self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None,
+                  num_prefill_cached_tokens: int) -> None:
+        """The engine sampled the first token: queue PrefillDone and end every stream; start the lease."""
+        transfer = self.get(request_id)
+        if transfer is None or transfer.closed:
+            return
+        transfer.prefilled = True
+        done = pb.PrefillDone(request_id=request_id, first_token_id=first_token_id, num_chunks=transfer.sequence,
+                              num_prefill_cached_tokens=num_prefill_cached_tokens)
+        if logprobs is not None:
+            done.first_logprob.CopyFrom(pb.TokenLogprob(
+                token_id=logprobs.token_id, logprob=logprobs.logprob, top_ids=logprobs.top_ids,
+                top_logprobs=logprobs.top_logprobs))
+        transfer.queues[0].put_nowait(seal_done(done).SerializeToString())
+        for q in transfer.queues:
+            q.put_nowait(END)
+        transfer.lease = self.loop.call_later(self.lease_s, self._expire, request_id)
+
+    def stream_done(self, request_id: str, stream_index: int, ok: bool) -> None:
+        """A gRPC handler finished draining (ok) or was cut off (not ok)."""
+        transfer = self.get(request_id)
+        if transfer is None or transfer.closed:
+            return
+        if not ok:
+            self.close(request_id, completed=False)
+            return
+        transfer.streams_done.add(stream_index)
+        if transfer.prefilled and len(transfer.streams_done) == transfer.num_streams:
+            self.close(request_id, completed=True)
+
+    def _expire(self, request_id: str) -> None:
+        transfer = self.get(request_id)
+        if transfer is None or transfer.closed:
+            return
+        logger.warning("KV lease of %s ended after %.1fs before its consumer collected it",
+                       request_id, self.lease_s)
+        for task in list(transfer.handler_tasks):
+            task.cancel()
+        self.close(request_id, completed=False)
+
+    def close(self, request_id: str, *, completed: bool) -> None:
+        with self._lock:
+            transfer = self.transfers.pop(request_id, None)
+        if transfer is None or transfer.closed:
+            return
+        transfer.closed = True
+        if transfer.lease is not None:
+            transfer.lease.cancel()
+        for q in transfer.queues:
+            q.put_nowait(END)
+        try:
+            transfer.sink.close()
+        except Exception:
+            logger.exception("closing the payload sink of %s", request_id)
+        if completed:
+            self.num_completed += 1
+        else:
+            self.num_failed += 1
+        if self.on_close is not None:
+            self.on_close(request_id, completed)
+
+    # --- engine thread side (KVStepHooks) -------------------------------------------------------
+
+    def begin_step(self, scheduled: list[ScheduledRequest]) -> bool:
+        bs = self.layout.block_size
+        planned: list[_Planned] = []
+        with self._lock:
+            if not self.transfers:
+                self._planned = planned
+                return False
+            for s in scheduled:
+                t = self.transfers.get(s.request_id)
+                if t is None or t.closed:
+                    continue
+                end = s.start_pos + len(s.token_ids)
+                send_to = -(-t.num_prompt_tokens // bs) if end >= t.num_prompt_tokens else end // bs
+                if send_to <= t.next_block:
+                    continue
+                planned.append(_Planned(t, s.block_ids[t.next_block:send_to],
+                                        t.dest_block_ids[t.next_block - t.first_block:send_to - t.first_block]))
+                t.pending_next = send_to
+        self._planned = planned
+        return bool(planned)
+
+    def layer_done(self, layer: int) -> None:
+        cache = self.kv_caches[layer]
+        for p in self._planned:
+            t = p.transfer
+            if t.closed or t.failed:
+                continue
+            header = pb.KVChunkHeader(request_id=t.request_id, layer=layer, block_ids=p.dest_block_ids,
+                                      dtype=self.layout.dtype, shape=self.layout.chunk_shape(len(p.dest_block_ids)),
+                                      sequence=t.sequence)
+            t.sequence += 1
+            try:
+                message = t.sink.emit(header, cache, p.src_block_ids)
+            except Exception:
+                logger.exception("emitting KV of %s failed", t.request_id)
+                t.failed = True
+                self.loop.call_soon_threadsafe(functools.partial(self.close, t.request_id, completed=False))
+                continue
+            t.bytes_sent += len(message) if header.shm_name == "" else header.payload_bytes
+            self.loop.call_soon_threadsafe(t.queues[layer % t.num_streams].put_nowait, message)
+
+    def end_step(self) -> None:
+        for p in self._planned:
+            p.transfer.next_block = p.transfer.pending_next
+        self._planned = []

@@ -1,0 +1,180 @@
+"""Transports: how block payloads travel beside the ``Prefill`` control stream.
+
+Each transport has a producer half (a :class:`PayloadSink`, one per transfer,
+called on the prefill worker's engine thread as each layer finishes) and a
+consumer half (a :class:`PayloadSource`, one per transfer on the decode worker).
+The control stream always carries the chunk headers, in order; the payload goes
+
+* ``grpc``: inside the chunk message itself (works everywhere; the default);
+* ``local``: into a shared-memory segment the consumer created on the same host
+  and named in ``transport_params``; the message carries only its offset;
+* ``nccl``: over a two-rank NCCL communicator whose unique id travels in
+  ``transport_params`` (GPU only; not built yet, so it is refused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+import secrets
+import tempfile
+from typing import Protocol
+
+import torch
+
+from common.errors import InvalidRequestError, KVTransferError
+from common.rpc import worker_pb2 as pb
+from kvtransfer.codec import encode_chunk, payload_checksum
+from kvtransfer.layout import KVLayout, payload_views
+
+
+class PayloadSink(Protocol):
+    """Producer half. ``emit`` runs on the engine thread right after a layer finished."""
+
+    def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]) -> bytes:
+        """Send (or stage) the payload of ``src_block_ids``; return the serialized control message."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PayloadSource(Protocol):
+    """Consumer half."""
+
+    def transport_params(self) -> bytes:
+        """What the producer needs to reach this source (sent in ``PrefillRequest``)."""
+        ...
+
+    def payload(self, header: pb.KVChunkHeader, inline: memoryview) -> memoryview:
+        """The verified payload bytes of a received chunk."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# --- grpc: payload inline -----------------------------------------------------------------------
+
+
+class GrpcSink:
+    def __init__(self, checksum: bool) -> None:
+        self.checksum = checksum
+
+    def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]) -> bytes:
+        return encode_chunk(header, payload_views(layer_cache, src_block_ids), checksum=self.checksum)
+
+    def close(self) -> None:
+        pass
+
+
+class GrpcSource:
+    def transport_params(self) -> bytes:
+        return b""
+
+    def payload(self, header: pb.KVChunkHeader, inline: memoryview) -> memoryview:
+        if inline.nbytes != header.payload_bytes:
+            raise KVTransferError(f"payload has {inline.nbytes} bytes, header says {header.payload_bytes}",
+                                  code="checksum")
+        return inline  # checksum already verified by the codec
+
+    def close(self) -> None:
+        pass
+
+
+# --- local: payload in a shared-memory file the consumer owns ------------------------------------
+
+_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+_SHM_NAME = re.compile(r"^pdserve-kv-[0-9a-f]{32}$")
+
+
+def _shm_path(name: str) -> str:
+    if not _SHM_NAME.match(name):
+        raise InvalidRequestError(f"bad shared-memory segment name {name!r}", field="transport_params")
+    return os.path.join(_SHM_DIR, name)
+
+
+class LocalSource:
+    """Creates the segment (sized for the whole transfer) and unlinks it when closed."""
+
+    def __init__(self, num_bytes: int) -> None:
+        self.name = f"pdserve-kv-{secrets.token_hex(16)}"
+        self.path = _shm_path(self.name)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, max(num_bytes, 1))
+            self._map = mmap.mmap(fd, max(num_bytes, 1))
+        finally:
+            os.close(fd)
+        self.size = num_bytes
+
+    def transport_params(self) -> bytes:
+        return self.name.encode()
+
+    def payload(self, header: pb.KVChunkHeader, inline: memoryview) -> memoryview:
+        if header.shm_name != self.name:
+            raise KVTransferError("chunk names another shared-memory segment", code="checksum")
+        start, end = header.shm_offset, header.shm_offset + header.payload_bytes
+        if end > self.size:
+            raise KVTransferError("chunk lies outside the shared-memory segment", code="checksum")
+        view = memoryview(self._map)[start:end]
+        if header.payload_checksum and payload_checksum([view]) != header.payload_checksum:
+            raise KVTransferError("KV payload checksum mismatch", code="checksum")
+        return view
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a view still alive keeps the mapping until it goes
+            self._map.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class LocalSink:
+    def __init__(self, params: bytes, checksum: bool) -> None:
+        self.name = params.decode(errors="replace")
+        path = _shm_path(self.name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise InvalidRequestError(f"cannot open shared-memory segment: {e}", field="transport_params") from e
+        try:
+            size = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.size = size
+        self.offset = 0
+        self.checksum = checksum
+
+    def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]) -> bytes:
+        parts = payload_views(layer_cache, src_block_ids)
+        size = sum(p.nbytes for p in parts)
+        if self.offset + size > self.size:
+            raise KVTransferError("shared-memory segment too small for the transfer")
+        pos = self.offset
+        for p in parts:
+            self._map[pos:pos + p.nbytes] = p
+            pos += p.nbytes
+        header.shm_name = self.name
+        header.shm_offset = self.offset
+        self.offset = pos
+        return encode_chunk(header, parts, checksum=self.checksum, inline=False)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def make_sink(transport: int, params: bytes, layout: KVLayout, *, checksum: bool) -> PayloadSink:
+    if transport in (pb.KV_TRANSPORT_GRPC, pb.KV_TRANSPORT_UNSPECIFIED):
+        return GrpcSink(checksum)
+    if transport == pb.KV_TRANSPORT_LOCAL:
+        return LocalSink(params, checksum)
+    raise InvalidRequestError(f"KV transport {transport} is not available here", field="transport")
+
+
+def make_source(transport: int, layout: KVLayout, num_blocks: int) -> PayloadSource:
+    if transport in (pb.KV_TRANSPORT_GRPC, pb.KV_TRANSPORT_UNSPECIFIED):
+        return GrpcSource()
+    if transport == pb.KV_TRANSPORT_LOCAL:
+        return LocalSource(2 * layout.num_layers * num_blocks * layout.block_bytes)
+    raise InvalidRequestError(f"KV transport {transport} is not available here", field="transport")

@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by both worker roles: the admin service and the server lifecycle."""

@@ -1,0 +1,110 @@
+"""Worker process lifecycle: engine thread, gRPC server, signals, drain.
+
+``serve(role, engine_config, worker_config)`` builds the engine and the role's
+services, serves until SIGTERM or SIGINT, then drains: it stops taking new
+requests, lets in-flight ones finish (up to ``drain_timeout_s``), and stops.
+Once listening it prints one line, ``PDSERVE_READY role=<role> address=<host:port>``,
+which launchers and tests wait for (the port may have been picked by the OS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from common.config import EngineConfig, WorkerConfig
+from common.errors import PdserveError
+from engine.async_engine import AsyncEngine
+from engine.core import EngineCore
+
+logger = logging.getLogger(__name__)
+
+
+def grpc_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Map typed errors raised by a servicer method onto gRPC status codes."""
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in handler(self, request, context):
+                    yield item
+            except PdserveError as e:
+                await context.abort(grpc.StatusCode[e.grpc_code], str(e))
+        return stream
+
+    @functools.wraps(handler)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except PdserveError as e:
+            await context.abort(grpc.StatusCode[e.grpc_code], str(e))
+    return unary
+
+
+async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerConfig) -> None:
+    from worker.admin import AdminService
+
+    core = EngineCore(engine_config, record_kv_events=True)
+    engine = AsyncEngine(core)
+    await engine.start()
+    max_bytes = worker_config.max_message_mib * 2**20
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_bytes),
+                                      ("grpc.max_send_message_length", max_bytes),
+                                      ("grpc.so_reuseport", 0)])
+    port = server.add_insecure_port(worker_config.address)
+    instance_id = worker_config.instance_id or f"{worker_config.host}:{port}"
+    model_name = Path(engine_config.model).name
+    if role == "prefill":
+        from prefill_worker.service import PrefillWorker
+
+        service: Any = PrefillWorker(engine, worker_config, instance_id=instance_id, model=model_name)
+    else:
+        from decode_worker.service import DecodeWorker
+
+        service = DecodeWorker(engine, worker_config, instance_id=instance_id, model=model_name)
+    admin = AdminService(engine, role=role, instance_id=instance_id, model=model_name,
+                         in_flight=service.num_in_flight, transfers_in_flight=service.num_transfers_in_flight)
+    service.admin = admin
+    service.register(server)
+    from common.rpc import worker_pb2_grpc as pb_grpc
+
+    pb_grpc.add_WorkerAdminServicer_to_server(admin, server)
+    if worker_config.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(worker_config.metrics_port, addr=worker_config.host)
+    await server.start()
+    print(f"PDSERVE_READY role={role} address={worker_config.host}:{port}", flush=True)
+    logger.info("%s worker %s serving %s", role, instance_id, engine_config.model)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("draining (up to %.0fs)", worker_config.drain_timeout_s)
+    remaining = await admin.drain(worker_config.drain_timeout_s)
+    if remaining:
+        logger.warning("stopping with %d requests still in flight", remaining)
+    await server.stop(grace=1.0)
+    await service.close()
+    await engine.stop()
+
+
+def run(role: str, engine_config: EngineConfig, worker_config: WorkerConfig) -> int:
+    try:
+        asyncio.run(serve(role, engine_config, worker_config))
+    except PdserveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
