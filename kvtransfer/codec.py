@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import xxhash
+from google.protobuf.message import DecodeError
 
 from common.errors import KVTransferError
 from common.rpc import worker_pb2 as pb
@@ -107,7 +108,10 @@ def decode_message(raw: bytes) -> tuple[pb.KVChunkHeader, memoryview] | pb.Prefi
     """A chunk as (verified header, payload view into ``raw``), or a verified PrefillDone."""
     buf = memoryview(raw)
     if not raw or buf[0] != 0x0A:
-        msg = pb.KVMessage.FromString(raw)
+        try:
+            msg = pb.KVMessage.FromString(raw)
+        except DecodeError as e:
+            raise KVTransferError(f"undecodable KV message: {e}", code="checksum") from e
         if msg.WhichOneof("kind") != "done":
             raise KVTransferError("unexpected KV message")
         verify_done(msg.done)
@@ -124,7 +128,10 @@ def decode_message(raw: bytes) -> tuple[pb.KVChunkHeader, memoryview] | pb.Prefi
         if pos + n > end:
             raise KVTransferError("truncated KV chunk", code="checksum")
         if tag == 0x0A:
-            header = pb.KVChunkHeader.FromString(bytes(buf[pos:pos + n]))
+            try:
+                header = pb.KVChunkHeader.FromString(bytes(buf[pos:pos + n]))
+            except DecodeError as e:
+                raise KVTransferError(f"undecodable KV chunk header: {e}", code="checksum") from e
         elif tag == 0x12:
             payload = buf[pos:pos + n]
         else:

@@ -8,6 +8,7 @@ block ids.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,9 @@ def write_payload(layer_cache: torch.Tensor, block_ids: list[int], payload: memo
                   layout: KVLayout) -> None:
     """Copy a payload into ``block_ids`` of one layer cache (the consumer's side)."""
     n = len(block_ids)
-    data = torch.frombuffer(payload, dtype=torch.uint8).view(layout.torch_dtype)
+    with warnings.catch_warnings():  # the view is only read from; a read-only buffer is fine
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        data = torch.frombuffer(payload, dtype=torch.uint8).view(layout.torch_dtype)
     data = data.view(layout.chunk_shape(n))
     if data.device != layer_cache.device:
         data = data.to(layer_cache.device, non_blocking=True)

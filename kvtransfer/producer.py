@@ -22,11 +22,12 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from common.errors import KVTransferError
 from common.rpc import worker_pb2 as pb
 from engine.request import TokenLogprobs
 from engine.scheduler import ScheduledRequest
@@ -120,6 +121,28 @@ class KVProducer:
         for q in transfer.queues:
             q.put_nowait(END)
         transfer.lease = self.loop.call_later(self.lease_s, self._expire, request_id)
+
+    async def relay(self, transfer: ProducerTransfer, index: int) -> AsyncIterator[bytes]:
+        """Yield stream ``index`` of a transfer (the body of a Prefill or StreamKV handler).
+
+        Ends normally after PrefillDone; raises if the transfer was cut off, so
+        the consumer sees an error status rather than a short stream.
+        """
+        task = asyncio.current_task()
+        transfer.handler_tasks.add(task)
+        ok = False
+        try:
+            queue = transfer.queues[index]
+            while (item := await queue.get()) is not END:
+                yield item
+            if transfer.error is not None:
+                raise transfer.error
+            if not transfer.prefilled or transfer.failed:
+                raise KVTransferError("the transfer was cut off")
+            ok = True
+        finally:
+            transfer.handler_tasks.discard(task)
+            self.stream_done(transfer.request_id, index, ok)
 
     def stream_done(self, request_id: str, stream_index: int, ok: bool) -> None:
         """A gRPC handler finished draining (ok) or was cut off (not ok)."""

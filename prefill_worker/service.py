@@ -26,7 +26,7 @@ from common.sampling import SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.request import RequestMode
 from kvtransfer.layout import KVLayout
-from kvtransfer.producer import END, KVProducer, ProducerTransfer
+from kvtransfer.producer import KVProducer
 from kvtransfer.transport import make_sink
 from worker.server import grpc_errors
 
@@ -111,7 +111,7 @@ class PrefillWorker:
         transfer = self.producer.open(rid, len(prompt), list(request.dest_block_ids), request.num_cached_tokens,
                                       sink, request.num_streams or 1)
         self._compute_tasks[rid] = asyncio.create_task(self._compute(rid, prompt, sampling))
-        async for item in self._relay(transfer, 0):
+        async for item in self.producer.relay(transfer, 0):
             yield item
 
     @grpc_errors
@@ -124,25 +124,8 @@ class PrefillWorker:
             await asyncio.sleep(0.005)
         if not 1 <= request.stream_index < transfer.num_streams:
             raise InvalidRequestError(f"must be in [1, {transfer.num_streams})", field="stream_index")
-        async for item in self._relay(transfer, request.stream_index):
+        async for item in self.producer.relay(transfer, request.stream_index):
             yield item
-
-    async def _relay(self, transfer: ProducerTransfer, index: int) -> AsyncIterator[bytes]:
-        task = asyncio.current_task()
-        transfer.handler_tasks.add(task)
-        ok = False
-        try:
-            queue = transfer.queues[index]
-            while (item := await queue.get()) is not END:
-                yield item
-            if transfer.error is not None:
-                raise transfer.error
-            if not transfer.prefilled or transfer.failed:
-                raise PdserveError("the transfer was cut off")
-            ok = True
-        finally:
-            transfer.handler_tasks.discard(task)
-            self.producer.stream_done(transfer.request_id, index, ok)
 
     async def _compute(self, rid: str, prompt: list[int], sampling: SamplingParams) -> None:
         try:

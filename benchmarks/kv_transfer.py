@@ -1,0 +1,252 @@
+"""KV transfer: the ``grpc`` transport against a plain gRPC byte stream, and TTFT disaggregated vs colocated.
+
+Part 1 moves 256 MiB of KV blocks (32 layers x 64 blocks of 16 tokens x 8 KV
+heads x 128 dims, fp32) from a producer process to this process through the
+real transfer path: ``KVProducer`` hooks (called as the engine would after
+each layer) -> payload sink -> Prefill stream -> ``KVConsumer`` (verify and
+write into a cache). Beside it, in the same run and against the same server
+process, a plain gRPC server stream of the same bytes in the same message
+sizes, received and dropped. Prints GB/s of each and the ratio.
+
+Part 2 starts a prefill worker and a decode worker on the demo model and times
+the first token of requests prefilled remotely (KV moved) against requests the
+decode worker prefills itself, for 512- and 2,000-token prompts.
+
+    python benchmarks/kv_transfer.py [--repeats 5] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.rpc import worker_pb2 as pb  # noqa: E402
+from common.rpc_convert import sampling_to_proto  # noqa: E402
+from common.sampling import SamplingParams  # noqa: E402
+from engine.scheduler import ScheduledRequest  # noqa: E402
+from kvtransfer.consumer import KVConsumer  # noqa: E402
+from kvtransfer.producer import KVProducer  # noqa: E402
+from kvtransfer.transport import make_sink  # noqa: E402
+
+LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 32, 64, 16, 8, 128
+BYTES_METHOD = "/bench.Bytes/Stream"
+MAX_MESSAGE = 1 << 30
+
+
+def _cache(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, BLOCKS, BLOCK_SIZE, HEADS, DIM, generator=g) for _ in range(LAYERS)]
+
+
+# --- producer process --------------------------------------------------------------------------
+
+
+async def serve() -> None:
+    kv = _cache(0)
+    loop = asyncio.get_running_loop()
+    producer = KVProducer(kv, loop, lease_s=60)
+    chunk = bytes(2 * BLOCKS * producer.layout.block_bytes)  # one layer's K and V: the KV chunk size
+
+    def compute(request: pb.PrefillRequest) -> None:  # what the engine thread does for one prompt
+        n = len(request.prompt_token_ids)
+        step = [ScheduledRequest(request.request_id, list(request.prompt_token_ids), 0, list(range(BLOCKS)),
+                                 True, SamplingParams(), None, 0)]
+        producer.begin_step(step)
+        for layer in range(LAYERS):
+            producer.layer_done(layer)
+        producer.end_step()
+        loop.call_soon_threadsafe(producer.prefilled, request.request_id, n % 1000, None, 0)
+
+    async def prefill(request: pb.PrefillRequest, context):
+        sink = make_sink(request.transport, request.transport_params, producer.layout, checksum=True)
+        transfer = producer.open(request.request_id, len(request.prompt_token_ids), list(request.dest_block_ids),
+                                 0, sink, request.num_streams)
+        threading.Thread(target=compute, args=(request,)).start()
+        async for item in producer.relay(transfer, 0):
+            yield item
+
+    async def stream_kv(request: pb.StreamKVRequest, context):
+        while (transfer := producer.get(request.request_id)) is None:
+            await asyncio.sleep(0.001)
+        async for item in producer.relay(transfer, request.stream_index):
+            yield item
+
+    async def plain(request: bytes, context):
+        count, = struct.unpack("<I", request)
+        for _ in range(count):
+            yield chunk
+
+    def passthrough(m):
+        return m if isinstance(m, bytes) else m.SerializeToString()
+
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE),
+                                      ("grpc.max_receive_message_length", MAX_MESSAGE)])
+    server.add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler("pdserve.v1.PrefillService", {
+            "Prefill": grpc.unary_stream_rpc_method_handler(prefill, pb.PrefillRequest.FromString, passthrough),
+            "StreamKV": grpc.unary_stream_rpc_method_handler(stream_kv, pb.StreamKVRequest.FromString,
+                                                              passthrough)}),
+        grpc.method_handlers_generic_handler("bench.Bytes", {
+            "Stream": grpc.unary_stream_rpc_method_handler(plain, bytes, passthrough)}),
+    ))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"PDSERVE_READY role=bench address=127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+# --- consumer side (this process) --------------------------------------------------------------
+
+
+async def run_transport(address: str, transport: int, streams: int, repeats: int) -> list[float]:
+    kv = [torch.zeros(2, BLOCKS, BLOCK_SIZE, HEADS, DIM) for _ in range(LAYERS)]
+    consumer = KVConsumer(kv, consumer_id="bench", max_message_bytes=MAX_MESSAGE, num_threads=max(2, streams))
+    times = []
+    for i in range(repeats + 1):
+        result = await consumer.fetch(
+            address=address, transport=transport, num_streams=streams, request_id=f"t{transport}-{streams}-{i}",
+            prompt_token_ids=[1] * (BLOCKS * BLOCK_SIZE), sampling=sampling_to_proto(SamplingParams()),
+            block_ids=list(range(BLOCKS)), num_cached_tokens=0, timeout_s=120)
+        if i:  # the first run warms channels and allocators
+            times.append(result.seconds)
+    reference = _cache(0)
+    assert all(torch.equal(a, b) for a, b in zip(kv, reference)), "received KV differs from the sent KV"
+    await consumer.close()
+    return times
+
+
+async def run_plain(address: str, repeats: int) -> list[float]:
+    times = []
+    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE)]) as ch:
+        call = ch.unary_stream(BYTES_METHOD, request_serializer=bytes, response_deserializer=bytes)
+        for i in range(repeats + 1):
+            start = time.monotonic()
+            total = 0
+            async for message in call(struct.pack("<I", LAYERS)):
+                total += len(message)
+            if i:
+                times.append(time.monotonic() - start)
+    return times
+
+
+def part1(repeats: int) -> dict:
+    server = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
+    try:
+        address = server.stdout.readline().split("address=")[1].strip()
+        size = LAYERS * 2 * BLOCKS * BLOCK_SIZE * HEADS * DIM * 4
+
+        async def all_runs() -> dict:
+            out = {}
+            for _ in range(1):
+                out["plain_grpc_stream"] = await run_plain(address, repeats)
+                out["grpc_1_stream"] = await run_transport(address, pb.KV_TRANSPORT_GRPC, 1, repeats)
+                out["grpc_2_streams"] = await run_transport(address, pb.KV_TRANSPORT_GRPC, 2, repeats)
+                out["local_shm"] = await run_transport(address, pb.KV_TRANSPORT_LOCAL, 1, repeats)
+            return out
+
+        runs = asyncio.run(all_runs())
+    finally:
+        server.kill()
+    result = {"bytes": size, "gb_per_s": {}, "seconds": {}}
+    for name, times in runs.items():
+        best = statistics.median(times)
+        result["gb_per_s"][name] = round(size / best / 1e9, 3)
+        result["seconds"][name] = [round(t, 4) for t in times]
+    base = result["gb_per_s"]["plain_grpc_stream"]
+    result["ratio_grpc_1_stream"] = round(result["gb_per_s"]["grpc_1_stream"] / base, 3)
+    result["ratio_grpc_2_streams"] = round(result["gb_per_s"]["grpc_2_streams"] / base, 3)
+    return result
+
+
+# --- part 2: TTFT through real workers ---------------------------------------------------------
+
+
+def part2(repeats: int) -> dict:
+    from cli.processes import worker
+    from engine.demo_model import write_demo_model
+
+    tmp = Path(tempfile.mkdtemp())
+    model = write_demo_model(tmp / "model")
+    engine = ["--num-blocks", "2048", "--max-num-batched-tokens", "2048"]
+    prefill = worker("prefill", model, tmp, *engine)
+    decode = worker("decode", model, tmp, *engine, "--prefill-peers", prefill.address,
+                    "--local-prefill-max-tokens", "0")
+    g = torch.Generator().manual_seed(0)
+    sampling = sampling_to_proto(SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    out: dict = {}
+    try:
+        stub_channel = grpc.insecure_channel(decode.address)
+        from common.rpc import worker_pb2_grpc as pb_grpc
+
+        stub = pb_grpc.DecodeServiceStub(stub_channel)
+
+        def ttft(n: int, remote: bool, i: int) -> float:
+            prompt = torch.randint(10, 2000, (n,), generator=g).tolist()  # fresh: nothing cached
+            request = pb.GenerateRequest(request_id=f"{n}-{remote}-{i}", prompt_token_ids=prompt, sampling=sampling)
+            if remote:
+                request.prefill.address = prefill.address
+            start = time.monotonic()
+            first = next(iter(stub.Generate(request, timeout=60)))
+            elapsed = time.monotonic() - start
+            assert first.prefill_info.mode == (pb.PrefillInfo.MODE_REMOTE if remote else pb.PrefillInfo.MODE_LOCAL)
+            return elapsed
+
+        for n in (512, 2000):
+            ttft(n, True, -1), ttft(n, False, -1)  # warm-up
+            remote, local = [], []
+            for i in range(repeats):
+                remote.append(ttft(n, True, i))
+                local.append(ttft(n, False, i))
+            out[str(n)] = {"disaggregated_ms": round(statistics.median(remote) * 1e3, 2),
+                           "colocated_ms": round(statistics.median(local) * 1e3, 2),
+                           "ratio": round(statistics.median(remote) / statistics.median(local), 3)}
+    finally:
+        decode.stop()
+        prefill.stop()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve())
+        return
+    transfer = part1(args.repeats)
+    print(f"256 MiB of KV blocks, median of {args.repeats} runs:")
+    for name, rate in transfer["gb_per_s"].items():
+        print(f"  {name:20s} {rate:7.3f} GB/s")
+    print(f"  ratio grpc transport / plain gRPC stream: {transfer['ratio_grpc_1_stream']:.2f} (1 stream), "
+          f"{transfer['ratio_grpc_2_streams']:.2f} (2 streams)")
+    ttft = part2(args.repeats)
+    print("time to first token, demo model (median):")
+    for n, r in ttft.items():
+        print(f"  {n:>5} tokens: disaggregated {r['disaggregated_ms']:8.2f} ms   colocated {r['colocated_ms']:8.2f} ms"
+              f"   ratio {r['ratio']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {platform.node()}",
+            "cpus": len(__import__("os").sched_getaffinity(0)), "transfer": transfer, "ttft": ttft},
+            indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Wire formats: generated code matches proto/, KV chunk codec is real protobuf, nothing is pickled."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.errors import KVTransferError
+from common.rpc import worker_pb2 as pb
+from kvtransfer.codec import decode_message, encode_chunk, seal_done
+from kvtransfer.layout import KVLayout, contiguous_runs, payload_views, write_payload
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generated_code_matches_proto(tmp_path):
+    subprocess.run([str(ROOT / "scripts" / "gen_proto"), str(tmp_path)], check=True, cwd=ROOT)
+    generated = sorted(p.name for p in (tmp_path / "common" / "rpc").iterdir())
+    assert generated, "gen_proto produced nothing"
+    for name in generated:
+        fresh = (tmp_path / "common" / "rpc" / name).read_bytes()
+        committed = (ROOT / "common" / "rpc" / name).read_bytes()
+        assert fresh == committed, f"common/rpc/{name} is stale: run scripts/gen_proto"
+
+
+def _cache(layout: KVLayout, num_blocks: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim, generator=g)
+
+
+def test_chunk_round_trip_is_protobuf():
+    layout = KVLayout(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+    src = _cache(layout, 16)
+    ids = [3, 4, 5, 9, 1]
+    assert contiguous_runs(ids) == [(3, 6), (9, 10), (1, 2)]
+    header = pb.KVChunkHeader(request_id="r", layer=1, block_ids=[7, 8, 9, 10, 11], dtype="float32",
+                              shape=layout.chunk_shape(5), sequence=4)
+    raw = encode_chunk(header, payload_views(src, ids), checksum=True)
+    # an ordinary protobuf parser reads the same message
+    msg = pb.KVMessage.FromString(raw)
+    assert msg.chunk.header.request_id == "r" and list(msg.chunk.header.block_ids) == [7, 8, 9, 10, 11]
+    assert len(msg.chunk.payload) == msg.chunk.header.payload_bytes == 2 * 5 * layout.block_bytes
+    parsed_header, payload = decode_message(raw)
+    assert parsed_header == msg.chunk.header and bytes(payload) == msg.chunk.payload
+    dst = torch.zeros_like(src)
+    write_payload(dst, [0, 2, 4, 6, 8], payload, layout)
+    assert torch.equal(dst[:, [0, 2, 4, 6, 8]], src[:, ids])
+    assert dst[:, [1, 3, 5]].abs().sum() == 0
+
+
+def test_bfloat16_payload():
+    layout = KVLayout(num_layers=1, block_size=4, num_kv_heads=1, head_dim=8, dtype="bfloat16")
+    src = _cache(layout, 4).to(torch.bfloat16)
+    header = pb.KVChunkHeader(request_id="r", layer=0, block_ids=[0, 1], dtype="bfloat16",
+                              shape=layout.chunk_shape(2))
+    _, payload = decode_message(encode_chunk(header, payload_views(src, [2, 3]), checksum=True))
+    dst = torch.zeros_like(src)
+    write_payload(dst, [0, 1], payload, layout)
+    assert torch.equal(dst[:, :2], src[:, 2:])
+
+
+@pytest.mark.parametrize("where", ["header", "payload", "length"])
+def test_corruption_is_detected(where):
+    layout = KVLayout(num_layers=1, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+    header = pb.KVChunkHeader(request_id="r", layer=0, block_ids=[0, 1], dtype="float32",
+                              shape=layout.chunk_shape(2))
+    raw = bytearray(encode_chunk(header, payload_views(_cache(layout, 2), [0, 1]), checksum=True))
+    if where == "header":
+        raw[8] ^= 0x01
+    elif where == "payload":
+        raw[-5] ^= 0x01
+    else:
+        raw = raw[:-3]
+    with pytest.raises(KVTransferError):
+        decode_message(bytes(raw))
+
+
+def test_done_checksum():
+    done = pb.PrefillDone(request_id="r", first_token_id=7, num_chunks=3)
+    raw = bytearray(seal_done(done).SerializeToString())
+    assert decode_message(bytes(raw)).first_token_id == 7
+    raw[-12] ^= 0x02
+    with pytest.raises(KVTransferError):
+        decode_message(bytes(raw))
+
+
+def test_nothing_is_pickled():
+    """No module of ours may deserialize pickles or load torch checkpoints that can carry them."""
+    forbidden = re.compile(r"\b(import pickle|from pickle|cloudpickle|import marshal|import shelve|"
+                           r"torch\.load\(|pickle\.loads|dill\b|joblib\.load)")
+    offenders = []
+    for package in ("common", "engine", "kvtransfer", "worker", "prefill_worker", "decode_worker", "router",
+                    "autoscaler", "simulator", "cli"):
+        for path in (ROOT / package).rglob("*.py"):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if forbidden.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not offenders, offenders
