@@ -189,11 +189,16 @@ def test_prefill_worker_killed_mid_transfer(model_dir, reference, tmp_path):
         decode.stop()
 
 
-def _raw_prefill(address: str, prompt: list[int], request_id: str) -> grpc.Call:
-    """Open a Prefill stream as a consumer would, with made-up destination blocks."""
+def _raw_prefill(address: str, prompt: list[int], request_id: str) -> tuple[grpc.Call, grpc.Channel]:
+    """Open a Prefill stream as a consumer would, with made-up destination blocks.
+
+    The channel keeps HTTP/2's small initial flow-control window (no BDP probing),
+    so a consumer that stops reading really stops the stream.
+    """
     layout = health(address).layout
     n = -(-len(prompt) // layout.block_size)
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 30)])
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 30),
+                                                      ("grpc.http2.bdp_probe", 0)])
     call = channel.unary_stream("/pdserve.v1.PrefillService/Prefill",
                                 request_serializer=pb.PrefillRequest.SerializeToString,
                                 response_deserializer=bytes)
@@ -209,8 +214,9 @@ def test_lease_frees_blocks_of_a_vanished_consumer(model_dir, tmp_path):
         # a consumer that stops reading but keeps its connection
         call, channel = _raw_prefill(prefill.address, random_prompts([2000], 2048, seed=3)[0], "stalled")
         next(iter(call))
-        time.sleep(0.3)
-        assert load(prefill.address).num_transfers_in_flight == 1
+        time.sleep(0.5)
+        held = load(prefill.address)
+        assert held.num_transfers_in_flight == 1 and held.num_free_blocks < held.num_total_blocks
         report = wait_idle(prefill.address, timeout=10)
         assert report.num_transfers_in_flight == 0
         assert report.num_free_blocks == report.num_total_blocks
