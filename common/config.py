@@ -32,6 +32,27 @@ def _check(cond: bool, field: str, message: str) -> None:
         raise ConfigError(message, field=field)
 
 
+def check_field_types(obj: object) -> None:
+    """Raise ConfigError naming the first field whose value does not have its annotated type."""
+    cls = type(obj)
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        typ, optional = _field_type(cls, f)
+        if value is None:
+            ok = optional
+        elif typ is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif typ is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif typing.get_origin(typ) is tuple:
+            ok = isinstance(value, tuple)
+        else:
+            ok = isinstance(value, typ)
+        if not ok:
+            name = getattr(typ, "__name__", str(typ))
+            raise ConfigError(f"must be {name}, got {type(value).__name__} {value!r}", field=f.name)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Options of one engine instance (one model replica on one device)."""
@@ -47,7 +68,7 @@ class EngineConfig:
     num_blocks: int | None = None
     """KV blocks to allocate; overrides kv_cache_memory_gib when set."""
     kv_cache_memory_gib: float | None = None
-    """KV cache size; default: 1 GiB on CPU, gpu_memory_utilization of free memory on GPU."""
+    """KV cache size; default: 256 MiB on CPU, gpu_memory_utilization of free memory on GPU."""
     gpu_memory_utilization: float = 0.9
     """Fraction of the GPU's memory the engine may use (weights + activations + KV)."""
     max_model_len: int | None = None
@@ -68,6 +89,7 @@ class EngineConfig:
     """Seed of the sampler's generator for unseeded random requests."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -87,6 +109,7 @@ class EngineConfig:
                f"must be positive, got {self.max_num_requests}")
         _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
                f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        _check(bool(self.batch_policy), "batch_policy", "must name a policy")
 
 
 KV_TRANSPORTS = ("grpc", "local", "nccl")
@@ -126,6 +149,7 @@ class WorkerConfig:
     """How long a drain waits for in-flight requests before giving up."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
         _check(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port",
                f"must be in [0, 65535], got {self.metrics_port}")
@@ -145,6 +169,76 @@ class WorkerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+DISCOVERY_KINDS = ("static", "redis", "kubernetes")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Options of a router process (the routing policy's knobs are router.routing_config.RoutingConfig)."""
+
+    host: str = "127.0.0.1"
+    """Address of the HTTP (OpenAI) API."""
+    port: int = 8000
+    """HTTP port (0 picks a free one)."""
+    grpc_port: int | None = None
+    """Serve the gRPC API on this port too."""
+    model: str = ""
+    """Checkpoint directory the tokenizer, chat template and context length come from."""
+    served_model_name: str = ""
+    """Model id clients send (default: the checkpoint directory's name)."""
+    max_model_len: int | None = None
+    """Context limit to enforce (default: the model's max_position_embeddings)."""
+    api_keys: tuple[str, ...] = ()
+    """API keys (set only through PDSERVE_ROUTER_API_KEYS, comma-separated, never a flag)."""
+    api_keys_file: str = ""
+    """File with one API key per line."""
+    max_body_bytes: int = 8 * 2**20
+    """Largest request body (413 above)."""
+    max_n: int = 8
+    """Largest `n` a request may ask for."""
+    max_concurrency: int = 256
+    """Requests (choices) in flight before new ones get 429."""
+    max_migrations: int = 2
+    """Times a request may move to another decode worker after one fails."""
+    request_timeout_s: float = 600.0
+    """Deadline of one request on a decode worker."""
+    discovery: str = "static"
+    """Where workers come from: static, redis or kubernetes."""
+    workers: str = ""
+    """Static discovery: 'prefill=host:port,...;decode=host:port,...'."""
+    redis_url: str = ""
+    """Redis for discovery (redis) and for state shared between router replicas."""
+    router_id: str = ""
+    """This replica's name in shared state (default: host:port)."""
+    k8s_namespace: str = ""
+    """Kubernetes discovery: namespace of the worker EndpointSlices (default: this pod's)."""
+    k8s_prefill_selector: str = "app.kubernetes.io/component=prefill"
+    k8s_decode_selector: str = "app.kubernetes.io/component=decode"
+    k8s_port_name: str = "grpc"
+    cost_model: str = ""
+    """JSON cost model written by `pdserve profile` (default: a CPU-demo calibration)."""
+    kv_transport: str = "grpc"
+    """KV transport asked of decode workers: grpc, local or nccl."""
+    kv_num_streams: int = 1
+    load_interval_ms: int = 100
+    """How often workers send load reports."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        _check(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
+        _check(self.grpc_port is None or 0 <= self.grpc_port < 65536, "grpc_port", "must be in [0, 65535]")
+        _check(self.max_body_bytes >= 1024, "max_body_bytes", "must be at least 1024")
+        _check(1 <= self.max_n <= 128, "max_n", f"must be in [1, 128], got {self.max_n}")
+        _check(self.max_concurrency >= 1, "max_concurrency", "must be positive")
+        _check(self.max_migrations >= 0, "max_migrations", "must be >= 0")
+        _check(self.request_timeout_s > 0, "request_timeout_s", "must be positive")
+        _check(self.discovery in DISCOVERY_KINDS, "discovery", f"must be one of {DISCOVERY_KINDS}")
+        _check(self.discovery != "redis" or bool(self.redis_url), "redis_url", "required with discovery=redis")
+        _check(self.kv_transport in KV_TRANSPORTS, "kv_transport", f"must be one of {KV_TRANSPORTS}")
+        _check(1 <= self.kv_num_streams <= 16, "kv_num_streams", "must be in [1, 16]")
+        _check(10 <= self.load_interval_ms <= 10_000, "load_interval_ms", "must be in [10, 10000]")
 
 
 # --- mapping onto CLI flags and environment variables -------------------------------------------

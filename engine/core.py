@@ -131,7 +131,7 @@ class EngineCore:
             raise InvalidRequestError(
                 f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds the context of "
                 f"{self.max_model_len} tokens", field="max_tokens")
-        if self.kv.blocks_needed(n + sampling.max_tokens) > self.kv.num_blocks:
+        if self.kv.blocks_needed(n + sampling.max_tokens - 1) > self.kv.num_blocks:  # the last token needs no KV
             raise InvalidRequestError(
                 f"prompt + max_tokens needs more KV blocks than this engine has ({self.kv.num_blocks})",
                 field="max_tokens")
@@ -157,10 +157,16 @@ class EngineCore:
     # --- ends from outside a step ---------------------------------------------------------------
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request in any state and free its blocks; its final output comes from the next step."""
+        """Stop a request in any state and free its blocks; its final output comes from the next step.
+
+        A REMOTE_KV request's blocks are free the moment this returns: the caller
+        must have stopped its KV transfer (no more writes into them) first.
+        """
         request = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         if request is None:
             return None
+        # its reserved blocks are free again: a transfer must not be started into them
+        self._reservations = [r for r in self._reservations if r.request_id != request_id]
         output = self.outputs.finish(request)
         self._finished_outside_step.append(output)
         return output

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
-from engine.request import Request, RequestStatus, TokenLogprobs
+from engine.request import Request, RequestMode, RequestStatus, TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -49,7 +49,7 @@ class OutputProcessor:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                            skip_special_tokens=request.sampling.skip_special_tokens)
-            if request.sampling.stop:
+            if request.sampling.stop and request.mode != RequestMode.PREFILL_ONLY:  # the decode side checks
                 matcher = StopStringMatcher(request.sampling.stop, request.sampling.include_stop_str_in_output)
         self._states[request.request_id] = _State(detok, matcher)
 

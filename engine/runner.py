@@ -59,7 +59,7 @@ class ModelRunner:
             # headroom for activations of one max-size step and the allocator's slack
             budget = total * cfg.gpu_memory_utilization - used_by_others - 2 * 2**30
         else:
-            budget = 2**30
+            budget = 2**28  # 256 MiB on CPU
         num_blocks = int(budget // block_bytes)
         if num_blocks < 1:
             raise ConfigError("no memory left for the KV cache", field="gpu_memory_utilization")

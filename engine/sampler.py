@@ -34,7 +34,7 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: 
     if top_p is not None:
         probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-        remove |= before >= top_p[:, None]
+        remove |= (before >= top_p[:, None]) & (top_p[:, None] < 1.0)  # rounding must not trim top_p=1 rows
     remove[:, 0] = False  # the most likely token always survives
     return logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
 

@@ -217,8 +217,10 @@ class Scheduler:
             rank = {rid: i for i, rid in enumerate(decision.admission_order)}
             candidates.sort(key=lambda r: rank.get(r.request_id, len(rank)))
         for request in candidates:
-            if budget <= 0 or len(self.running) + len(self.awaiting_kv) >= max_running:
+            if len(self.running) + len(self.awaiting_kv) >= max_running:
                 break
+            if budget <= 0 and request.mode != RequestMode.REMOTE_KV:
+                continue  # no compute left this step; reservations cost none, so keep looking for them
             first_time = request.num_cached_tokens < 0
             prefix, num_cached = self.kv.find_cached_prefix(request)
             if request.mode == RequestMode.REMOTE_KV:
