@@ -13,16 +13,24 @@ from engine.attention.torch_backend import TorchAttentionBackend
 __all__ = ["AttentionBackend", "AttentionBatch", "kv_cache_shape", "select_backend"]
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` takes the fastest backend available on ``device``; the others are explicit."""
+def select_backend(name: str, device: torch.device, *, block_size: int | None = None) -> AttentionBackend:
+    """``auto`` takes the fastest backend available on ``device``; the others are explicit.
+
+    ``block_size`` is the KV cache's: flash-attn's paged kernels need a multiple
+    of 256, so ``auto`` takes flash_attn only for such a block size (and not
+    when the caller does not say), and an explicit ``flash_attn`` refuses others.
+    """
     if name == "auto":
         name = "torch"
         if device.type == "cuda":
             for candidate, package in (("flash_attn", "flash_attn"), ("triton", "triton")):
                 module = f"engine.attention.{candidate}_backend"
-                if importlib.util.find_spec(package) and importlib.util.find_spec(module):
-                    name = candidate
-                    break
+                if not (importlib.util.find_spec(package) and importlib.util.find_spec(module)):
+                    continue
+                if candidate == "flash_attn" and not _flash_attn_block_size_ok(block_size):
+                    continue
+                name = candidate
+                break
     if name == "torch":
         return TorchAttentionBackend()
     if device.type != "cuda":
@@ -34,5 +42,10 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
         if not importlib.util.find_spec("flash_attn"):
             raise ConfigError("the flash-attn package is not installed", field="attention_backend")
         from engine.attention.flash_attn_backend import FlashAttnBackend
-        return FlashAttnBackend()
+        return FlashAttnBackend(block_size)
     raise ConfigError(f"unknown attention backend {name!r}", field="attention_backend")
+
+
+def _flash_attn_block_size_ok(block_size: int | None) -> bool:
+    from engine.attention.flash_attn_backend import block_size_supported
+    return block_size is not None and block_size_supported(block_size)
