@@ -35,13 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.rpc import worker_pb2 as pb  # noqa: E402
-from common.rpc_convert import sampling_to_proto  # noqa: E402
-from common.sampling import SamplingParams  # noqa: E402
-from engine.scheduler import ScheduledRequest  # noqa: E402
-from kvtransfer.consumer import KVConsumer  # noqa: E402
-from kvtransfer.producer import KVProducer  # noqa: E402
-from kvtransfer.transport import make_sink  # noqa: E402
+from common.rpc import worker_pb2 as pb
+from common.rpc_convert import sampling_to_proto
+from common.sampling import SamplingParams
+from engine.scheduler import ScheduledRequest
+from kvtransfer.consumer import KVConsumer
+from kvtransfer.producer import KVProducer
+from kvtransfer.transport import make_sink
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 32, 64, 16, 8, 128
 BYTES_METHOD = "/bench.Bytes/Stream"

@@ -49,6 +49,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_router(args: argparse.Namespace) -> int:
+    from common.config import RouterConfig
+    from router.routing_config import RoutingConfig
+    from router.server import run
+
+    if not args.model:
+        from engine.demo_model import ensure_demo_model
+
+        args.model = str(ensure_demo_model())
+    return run(build_config(RouterConfig, args), build_config(RoutingConfig, args))
+
+
 def _worker_handler(role: str) -> Handler:
     def handle(args: argparse.Namespace) -> int:
         from common.config import WorkerConfig
@@ -84,7 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, EngineConfig)
     p.set_defaults(handler=_cmd_generate)
 
-    from common.config import WorkerConfig
+    from common.config import RouterConfig, WorkerConfig
+
+    p = sub.add_parser("router", help="serve the OpenAI-compatible API and route to workers")
+    add_config_args(p, RouterConfig, skip=("api_keys",))
+    from router.routing_config import RoutingConfig
+
+    add_config_args(p, RoutingConfig)
+    p.set_defaults(handler=_cmd_router)
+
+    from router import profile
+
+    p = sub.add_parser("profile", help="measure running workers and fit the router's cost model (JSON)")
+    profile.add_arguments(p)
+    p.set_defaults(handler=profile.run)
+
+    from cli import up
+
+    p = sub.add_parser("up", help="run router + prefill + decode workers locally (the embedded default)")
+    up.add_arguments(p)
+    p.set_defaults(handler=up.run)
 
     for role in ("prefill", "decode"):
         p = sub.add_parser(f"{role}-worker", help=f"serve an engine in the {role} role over gRPC")

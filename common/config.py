@@ -147,6 +147,13 @@ class WorkerConfig:
     """Largest gRPC message, both ways."""
     drain_timeout_s: float = 60.0
     """How long a drain waits for in-flight requests before giving up."""
+    redis_url: str = ""
+    """Register in this Redis (heartbeats) so routers discover the worker; decode workers also accept
+    KV from every prefill worker registered there."""
+    registry_ttl_s: float = 10.0
+    """A registration not refreshed for this long expires."""
+    advertise_address: str = ""
+    """Address routers and peers should use (default host:port; set to the pod IP in Kubernetes)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -162,6 +169,7 @@ class WorkerConfig:
         _check(0 < self.local_prefill_min_cached_ratio <= 1, "local_prefill_min_cached_ratio",
                "must be in (0, 1]")
         _check(self.max_message_mib > 0, "max_message_mib", "must be positive")
+        _check(self.registry_ttl_s > 0, "registry_ttl_s", "must be positive")
         for peer in self.prefill_peers:
             host, sep, port = peer.rpartition(":")
             _check(bool(sep and host and port.isdigit()), "prefill_peers", f"{peer!r} is not host:port")
@@ -218,7 +226,8 @@ class RouterConfig:
     k8s_decode_selector: str = "app.kubernetes.io/component=decode"
     k8s_port_name: str = "grpc"
     cost_model: str = ""
-    """JSON cost model written by `pdserve profile` (default: a CPU-demo calibration)."""
+    """JSON cost model written by `pdserve profile` (default: router/cost_models/demo_cpu.json, the demo
+    model measured on a small CPU)."""
     kv_transport: str = "grpc"
     """KV transport asked of decode workers: grpc, local or nccl."""
     kv_num_streams: int = 1

@@ -8,7 +8,7 @@ from here and never define their own.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 WORKER_LABELS = ("model", "role", "instance")
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -30,3 +30,37 @@ LOCAL_PREFILL_FALLBACKS = Counter(
     "Remote prefills that failed and were recomputed locally (reason: timeout, unavailable, refused, "
     "stream_broken, checksum, incomplete)",
     ("model", "instance", "reason"))
+
+# --- router ------------------------------------------------------------------------------------
+
+ROUTER_LABELS = ("model", "instance")
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                   40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+               0.4, 0.5, 0.75, 1.0, 2.5)
+
+ROUTER_REQUESTS = Counter(
+    "pdserve_router_requests_total", "API requests by endpoint and HTTP status", ROUTER_LABELS + ("endpoint", "status"))
+ROUTER_TTFT = Histogram(
+    "pdserve_router_time_to_first_token_seconds", "Time from request arrival to its first token",
+    ROUTER_LABELS, buckets=LATENCY_BUCKETS)
+ROUTER_ITL = Histogram(
+    "pdserve_router_inter_token_latency_seconds", "Time between consecutive tokens of a request",
+    ROUTER_LABELS, buckets=ITL_BUCKETS)
+ROUTER_E2E = Histogram(
+    "pdserve_router_e2e_request_latency_seconds", "Time from request arrival to its last token",
+    ROUTER_LABELS, buckets=LATENCY_BUCKETS)
+ROUTER_PROMPT_TOKENS = Counter("pdserve_router_prompt_tokens_total", "Prompt tokens admitted", ROUTER_LABELS)
+ROUTER_GENERATION_TOKENS = Counter(
+    "pdserve_router_generation_tokens_total", "Tokens generated and streamed to clients", ROUTER_LABELS)
+ROUTER_REJECTIONS = Counter(
+    "pdserve_router_rejections_total", "Requests refused before reaching a worker, by reason",
+    ROUTER_LABELS + ("reason",))
+ROUTER_MIGRATIONS = Counter(
+    "pdserve_router_migrations_total", "Requests moved to another decode worker after one failed", ROUTER_LABELS)
+ROUTER_ROUTING_DECISIONS = Counter(
+    "pdserve_router_routing_decisions_total", "Routing decisions by policy and prefill placement (remote, local)",
+    ROUTER_LABELS + ("policy", "placement"))
+ROUTER_WORKERS = Gauge(
+    "pdserve_router_workers", "Workers this router sees as healthy (load reports arriving), by role",
+    ROUTER_LABELS + ("role",))

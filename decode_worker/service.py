@@ -87,6 +87,11 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
         self.model = model
         self.admin = None  # set by the server
         self.peers = frozenset(config.prefill_peers)
+        self.registry = None  # prefill workers registered in Redis are peers too
+        if config.redis_url:
+            from router.discovery import RedisDiscovery
+
+            self.registry = RedisDiscovery(config.redis_url)
         self.consumer = KVConsumer(engine.core.runner.kv_caches, consumer_id=instance_id,
                                    max_message_bytes=config.max_message_mib * 2**20)
         self._remote: dict[str, _RemotePlan] = {}
@@ -103,8 +108,20 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
     def num_transfers_in_flight(self) -> int:
         return sum(1 for p in self._remote.values() if p.task is not None and not p.task.done())
 
+    async def start(self) -> None:
+        if self.registry is not None:
+            await self.registry.start()
+
     async def close(self) -> None:
+        if self.registry is not None:
+            await self.registry.stop()
         await self.consumer.close()
+
+    def is_peer(self, address: str) -> bool:
+        if address in self.peers:
+            return True
+        return self.registry is not None and any(
+            e.role == "prefill" and e.address == address for e in self.registry.endpoints())
 
     # --- Generate -------------------------------------------------------------------------------
 
@@ -115,7 +132,7 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
             LOCAL_PREFILLS.labels(self.model, self.instance_id, "no_target").inc()
             info.mode = pb.PrefillInfo.MODE_LOCAL
             return RequestMode.COLOCATED, info
-        if target.address not in self.peers:
+        if not self.is_peer(target.address):
             raise PermissionDeniedError(f"{target.address!r} is not a known prefill worker",
                                         field="prefill.address")
         transport = target.transport or TRANSPORTS[self.config.kv_transport]

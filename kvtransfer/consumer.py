@@ -121,7 +121,8 @@ class KVConsumer:
                   for i in range(1, num_streams)]
         tasks = [asyncio.create_task(self._drain(call, state)) for call in calls]
         try:
-            await asyncio.wait_for(asyncio.gather(*tasks), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a racing cancellation
+                await asyncio.gather(*tasks)
         except TimeoutError as e:
             raise KVTransferError(f"transfer of {request_id} timed out after {timeout_s}s", code="timeout") from e
         except grpc.aio.AioRpcError as e:

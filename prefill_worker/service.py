@@ -71,6 +71,9 @@ class PrefillWorker:
     def num_transfers_in_flight(self) -> int:
         return len(self.producer.transfers)
 
+    async def start(self) -> None:
+        pass
+
     async def close(self) -> None:
         for task in list(self._compute_tasks.values()):
             task.cancel()

@@ -61,7 +61,7 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
                                       ("grpc.max_send_message_length", max_bytes),
                                       ("grpc.so_reuseport", 0)])
     port = server.add_insecure_port(worker_config.address)
-    instance_id = worker_config.instance_id or f"{worker_config.host}:{port}"
+    instance_id = worker_config.instance_id or worker_config.advertise_address or f"{worker_config.host}:{port}"
     model_name = Path(engine_config.model).name
     if role == "prefill":
         from prefill_worker.service import PrefillWorker
@@ -75,6 +75,7 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
                          in_flight=service.num_in_flight, transfers_in_flight=service.num_transfers_in_flight)
     service.admin = admin
     service.register(server)
+    await service.start()
     from common.rpc import worker_pb2_grpc as pb_grpc
 
     pb_grpc.add_WorkerAdminServicer_to_server(admin, server)
@@ -83,7 +84,16 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
 
         start_http_server(worker_config.metrics_port, addr=worker_config.host)
     await server.start()
-    print(f"PDSERVE_READY role={role} address={worker_config.host}:{port}", flush=True)
+    address = worker_config.advertise_address or f"{worker_config.host}:{port}"
+    registration = None
+    if worker_config.redis_url:
+        from router.discovery import WorkerEndpoint
+        from worker.registration import RedisRegistration
+
+        registration = RedisRegistration(worker_config.redis_url, WorkerEndpoint(instance_id, role, address),
+                                         ttl_s=worker_config.registry_ttl_s)
+        await registration.start()
+    print(f"PDSERVE_READY role={role} address={address}", flush=True)
     logger.info("%s worker %s serving %s", role, instance_id, engine_config.model)
 
     stop = asyncio.Event()
@@ -91,6 +101,8 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if registration is not None:  # first, so routers stop sending new work
+        await registration.stop()
     logger.info("draining (up to %.0fs)", worker_config.drain_timeout_s)
     remaining = await admin.drain(worker_config.drain_timeout_s)
     if remaining:

@@ -11,13 +11,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cli.processes import Proc, worker
 from common.rpc import worker_pb2 as pb
 from common.rpc import worker_pb2_grpc as pb_grpc
 from common.rpc_convert import sampling_to_proto
 from engine import LLM
 from tests.grpc_clients import GREEDY, free_port, generate, health, load, metric_value, scrape, wait_idle
 from tests.hf_reference import random_prompts
-from cli.processes import Proc, worker
 
 PROMPT_LENGTHS = [1, 2, 15, 16, 17, 31, 100, 257, 500, 777, 1000, 1234, 1500, 1777, 1999, 2000]
 ENGINE = ["--num-blocks", "1024", "--max-num-batched-tokens", "512"]
