@@ -22,6 +22,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from kvtransfer.transport import PayloadSource, make_source
 logger = logging.getLogger(__name__)
 
 PREFILL_METHOD = "/pdserve.v1.PrefillService/Prefill"
+APPLY_AHEAD = 3
 STREAM_KV_METHOD = "/pdserve.v1.PrefillService/StreamKV"
 
 
@@ -150,11 +152,18 @@ class KVConsumer:
                               time.monotonic() - start, done.num_prefill_cached_tokens)
 
     async def _drain(self, call: grpc.aio.UnaryStreamCall, state: _State) -> None:
+        # Up to APPLY_AHEAD chunks are applied while the next ones are read: awaiting each copy before
+        # reading on would leave the connection idle for the copy's duration, every chunk.
+        pending: deque[asyncio.Future] = deque()
         async for raw in call:
             future = self._executor.submit(self._apply, raw, state)
             state.inflight.add(future)
             future.add_done_callback(state.inflight.discard)
-            await asyncio.wrap_future(future)
+            pending.append(asyncio.wrap_future(future))
+            if len(pending) >= APPLY_AHEAD:
+                await pending.popleft()
+        while pending:
+            await pending.popleft()
 
     def _apply(self, raw: bytes, state: _State) -> None:
         try:

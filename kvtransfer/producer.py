@@ -76,11 +76,12 @@ class _Planned:
 
 class KVProducer:
     def __init__(self, kv_caches: list[torch.Tensor], loop: asyncio.AbstractEventLoop, *,
-                 lease_s: float) -> None:
+                 lease_s: float, max_chunk_bytes: int = 4 << 20) -> None:
         self.kv_caches = kv_caches
         self.layout = KVLayout.of_cache(kv_caches)
         self.loop = loop
         self.lease_s = lease_s
+        self.max_chunk_bytes = max_chunk_bytes  # a layer's blocks go out in messages of at most this size
         self.transfers: dict[str, ProducerTransfer] = {}
         self.on_close: Callable[[str, bool], None] | None = None  # (request_id, completed), on the loop
         self._lock = threading.Lock()
@@ -212,23 +213,28 @@ class KVProducer:
 
     def layer_done(self, layer: int) -> None:
         cache = self.kv_caches[layer]
+        per_chunk = max(1, self.max_chunk_bytes // (2 * self.layout.block_bytes))  # blocks per message
         for p in self._planned:
             t = p.transfer
-            if t.closed or t.failed:
-                continue
-            header = pb.KVChunkHeader(request_id=t.request_id, layer=layer, block_ids=p.dest_block_ids,
-                                      dtype=self.layout.dtype, shape=self.layout.chunk_shape(len(p.dest_block_ids)),
-                                      sequence=t.sequence)
-            t.sequence += 1
-            try:
-                message = t.sink.emit(header, cache, p.src_block_ids)
-            except Exception:
-                logger.exception("emitting KV of %s failed", t.request_id)
-                t.failed = True
-                self.loop.call_soon_threadsafe(functools.partial(self.close, t.request_id, completed=False))
-                continue
-            t.bytes_sent += len(message) if header.shm_name == "" else header.payload_bytes
-            self.loop.call_soon_threadsafe(t.queues[layer % t.num_streams].put_nowait, message)
+            for i in range(0, len(p.src_block_ids), per_chunk):
+                if t.closed or t.failed:
+                    break
+                self._emit(t, layer, cache, p.src_block_ids[i:i + per_chunk], p.dest_block_ids[i:i + per_chunk])
+
+    def _emit(self, t: ProducerTransfer, layer: int, cache: torch.Tensor, src_ids: list[int],
+              dest_ids: list[int]) -> None:
+        header = pb.KVChunkHeader(request_id=t.request_id, layer=layer, block_ids=dest_ids, dtype=self.layout.dtype,
+                                  shape=self.layout.chunk_shape(len(dest_ids)), sequence=t.sequence)
+        t.sequence += 1
+        try:
+            message = t.sink.emit(header, cache, src_ids)
+        except Exception:
+            logger.exception("emitting KV of %s failed", t.request_id)
+            t.failed = True
+            self.loop.call_soon_threadsafe(functools.partial(self.close, t.request_id, completed=False))
+            return
+        t.bytes_sent += len(message) if header.shm_name == "" else header.payload_bytes
+        self.loop.call_soon_threadsafe(t.queues[layer % t.num_streams].put_nowait, message)
 
     def end_step(self) -> None:
         for p in self._planned:
