@@ -82,7 +82,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     """auto, torch (reference), triton or flash_attn."""
     batch_policy: str = "static"
-    """Batch-size policy name (see engine.batch_policy)."""
+    """Batch-size policy name (see common.batch_policy)."""
     enforce_eager: bool = False
     """Never use CUDA graphs."""
     seed: int = 0

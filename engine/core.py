@@ -26,11 +26,11 @@ from typing import Protocol
 
 import torch
 
+from common.batch_policy import make_batch_policy
 from common.config import EngineConfig
 from common.errors import InvalidRequestError
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
-from engine.batch_policy import make_batch_policy
 from engine.kv_cache_manager import KVCacheManager
 from engine.models import load_model_config, resolve_dtype
 from engine.output import OutputProcessor, RequestOutput

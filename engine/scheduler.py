@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.batch_policy import BatchPolicy, BatchSnapshot, WaitingRequest
 from common.config import EngineConfig
 from common.sampling import SamplingParams
-from engine.batch_policy import BatchPolicy, BatchSnapshot, WaitingRequest
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestMode, RequestStatus, TokenLogprobs
 

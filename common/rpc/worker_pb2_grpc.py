@@ -308,6 +308,11 @@ class WorkerAdminStub:
                 request_serializer=common_dot_rpc_dot_worker__pb2.KVEventsRequest.SerializeToString,
                 response_deserializer=common_dot_rpc_dot_worker__pb2.KVEventBatch.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/pdserve.v1.WorkerAdmin/SetRole',
+                request_serializer=common_dot_rpc_dot_worker__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=common_dot_rpc_dot_worker__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerAdminServicer:
@@ -340,6 +345,14 @@ class WorkerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Switch roles without a restart: stop taking work of the old role, let in-flight work finish
+        (up to drain_timeout_s), then serve the new role. Load reports carry the new role from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -362,6 +375,11 @@ def add_WorkerAdminServicer_to_server(servicer, server):
                     servicer.StreamKVEvents,
                     request_deserializer=common_dot_rpc_dot_worker__pb2.KVEventsRequest.FromString,
                     response_serializer=common_dot_rpc_dot_worker__pb2.KVEventBatch.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=common_dot_rpc_dot_worker__pb2.SetRoleRequest.FromString,
+                    response_serializer=common_dot_rpc_dot_worker__pb2.SetRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -475,6 +493,33 @@ class WorkerAdmin:
             '/pdserve.v1.WorkerAdmin/StreamKVEvents',
             common_dot_rpc_dot_worker__pb2.KVEventsRequest.SerializeToString,
             common_dot_rpc_dot_worker__pb2.KVEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.WorkerAdmin/SetRole',
+            common_dot_rpc_dot_worker__pb2.SetRoleRequest.SerializeToString,
+            common_dot_rpc_dot_worker__pb2.SetRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

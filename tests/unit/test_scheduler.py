@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from common.batch_policy import BatchDecision, BatchSnapshot, StaticBatchPolicy
 from common.config import EngineConfig
 from common.sampling import SamplingParams
-from engine.batch_policy import BatchDecision, BatchSnapshot, StaticBatchPolicy
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestMode, RequestStatus
 from engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput

@@ -1,5 +1,8 @@
 """Batch-size policies: how many requests may run at once, and who is admitted next.
 
+They live in ``common`` (no torch) because the engine's scheduler and the
+cluster simulator run the same functions.
+
 A policy is a pure function of a :class:`BatchSnapshot` the scheduler takes
 once per step; it never touches the scheduler. The scheduler asks it for a
 :class:`BatchDecision` before admitting waiting requests, so a new policy slots
