@@ -64,3 +64,32 @@ ROUTER_ROUTING_DECISIONS = Counter(
 ROUTER_WORKERS = Gauge(
     "pdserve_router_workers", "Workers this router sees as healthy (load reports arriving), by role",
     ROUTER_LABELS + ("role",))
+
+# --- workers (engine state, sampled from load snapshots) ----------------------------------------
+
+WORKER_RUNNING = Gauge("pdserve_worker_num_requests_running", "Requests in the running batch (or receiving KV)",
+                       WORKER_LABELS)
+WORKER_WAITING = Gauge("pdserve_worker_num_requests_waiting", "Requests waiting to be scheduled", WORKER_LABELS)
+WORKER_KV_USAGE = Gauge("pdserve_worker_kv_cache_usage_ratio",
+                        "Fraction of KV blocks held by requests (evictable prefix-cache blocks count as free)",
+                        WORKER_LABELS)
+WORKER_QUEUED_PREFILL = Gauge("pdserve_worker_queued_prefill_tokens", "Prompt tokens not yet computed",
+                              WORKER_LABELS)
+WORKER_STEP_TIME = Gauge("pdserve_worker_step_time_seconds", "Mean duration of the recent engine steps",
+                         WORKER_LABELS)
+WORKER_ROLE = Gauge("pdserve_worker_role_info", "1 for the role this worker serves now", WORKER_LABELS)
+WORKER_PREFIX_QUERIES = Counter("pdserve_worker_prefix_cache_queries_total",
+                                "Prompt tokens looked up in the prefix cache", WORKER_LABELS)
+WORKER_PREFIX_HITS = Counter("pdserve_worker_prefix_cache_hits_total",
+                             "Prompt tokens found in the prefix cache", WORKER_LABELS)
+WORKER_PREEMPTIONS = Counter("pdserve_worker_preemptions_total", "Requests preempted (to be recomputed)",
+                             WORKER_LABELS)
+
+# --- per-request phases ---------------------------------------------------------------------------
+
+PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+REQUEST_PHASE = Histogram(
+    "pdserve_request_phase_seconds",
+    "Time a request spends in each phase: router_queue (arrival to dispatch, router), prefill (arrival at the "
+    "decode worker to its first token), kv_transfer (the KV fetch), decode (first token to the last)",
+    ("model", "instance", "phase"), buckets=PHASE_BUCKETS)

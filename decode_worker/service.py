@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 
+from common import metrics
 from common.config import WorkerConfig
 from common.errors import (
     InvalidRequestError,
@@ -47,7 +49,8 @@ from engine.output import RequestOutput
 from engine.request import RequestMode
 from engine.scheduler import KVReservation
 from kvtransfer.consumer import KVConsumer
-from worker.server import grpc_errors
+from worker.grpc_errors import grpc_errors
+from worker.roles import RoleGate
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
         self.config = config
         self.instance_id = instance_id
         self.model = model
-        self.admin = None  # set by the server
+        self.gate: RoleGate | None = None  # set by the server: does this worker serve decode now?
         self.peers = frozenset(config.prefill_peers)
         self.registry = None  # prefill workers registered in Redis are peers too
         if config.redis_url:
@@ -116,6 +119,14 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
         if self.registry is not None:
             await self.registry.stop()
         await self.consumer.close()
+
+    async def abort_all(self) -> int:
+        """Abort every request in flight; their streams end with UNAVAILABLE and routers migrate them."""
+        ids = await self.engine.call(lambda: list(self.engine.core.scheduler.requests))
+        for rid in ids:
+            await self._stop_transfer(rid)
+            await self.engine.abort(rid)
+        return len(ids)
 
     def is_peer(self, address: str) -> bool:
         if address in self.peers:
@@ -161,8 +172,8 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
     @grpc_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
-        if self.admin is not None and self.admin.draining:
-            raise UnavailableError("draining")
+        if self.gate is not None:
+            self.gate.admit("decode")
         rid = request.request_id
         if not rid:
             raise InvalidRequestError("must not be empty", field="request_id")
@@ -172,13 +183,20 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
         try:
             mode, info = await self._plan(request, prompt)
             stream = self.engine.generate(rid, prompt, sampling, mode=mode)
-            first = True
+            start = time.monotonic()
+            first_at = None
             try:
                 async for out in stream:
+                    if out.finish_reason == "abort":  # aborted here, not by the client: let the router migrate
+                        raise UnavailableError("the request was aborted by the worker")
                     msg = to_response(out)
-                    if first:
+                    if first_at is None:
+                        first_at = time.monotonic()
+                        metrics.REQUEST_PHASE.labels(self.model, self.instance_id, "prefill").observe(first_at - start)
                         msg.prefill_info.CopyFrom(info)
-                        first = False
+                    if out.finished:
+                        metrics.REQUEST_PHASE.labels(self.model, self.instance_id, "decode").observe(
+                            time.monotonic() - first_at)
                     yield msg
             finally:
                 await self._stop_transfer(rid)
@@ -229,6 +247,7 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
             KV_TRANSFERS.labels(**self._labels, outcome="completed").inc()
             KV_TRANSFER_BYTES.labels(**self._labels).inc(result.num_bytes)
             KV_TRANSFER_SECONDS.labels(**self._labels).observe(result.seconds)
+            metrics.REQUEST_PHASE.labels(self.model, self.instance_id, "kv_transfer").observe(result.seconds)
             await self.engine.finish_remote_kv(rid, result.first_token_id, result.logprobs)
             return
         logger.warning("remote prefill of %s failed (%s: %s); prefilling locally", rid, reason, error)

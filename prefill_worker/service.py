@@ -28,7 +28,8 @@ from engine.request import RequestMode
 from kvtransfer.layout import KVLayout
 from kvtransfer.producer import KVProducer
 from kvtransfer.transport import make_sink
-from worker.server import grpc_errors
+from worker.grpc_errors import grpc_errors
+from worker.roles import RoleGate
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class PrefillWorker:
         self.config = config
         self.instance_id = instance_id
         self.model = model
-        self.admin = None  # set by the server
+        self.gate: RoleGate | None = None  # set by the server: does this worker serve prefill now?
         self.layout = KVLayout.of_cache(engine.core.runner.kv_caches)
         self.producer = KVProducer(engine.core.runner.kv_caches, asyncio.get_running_loop(),
                                    lease_s=config.kv_lease_s)
@@ -74,6 +75,13 @@ class PrefillWorker:
     async def start(self) -> None:
         pass
 
+    async def abort_all(self) -> int:
+        """Cut off every open transfer (its consumer recomputes) and abort the prompts still computing."""
+        ids = set(self._compute_tasks) | set(self.producer.transfers)
+        for rid in ids:
+            self._fail(rid, UnavailableError("this worker is switching roles"))
+        return len(ids)
+
     async def close(self) -> None:
         for task in list(self._compute_tasks.values()):
             task.cancel()
@@ -81,8 +89,8 @@ class PrefillWorker:
     # --- RPCs -----------------------------------------------------------------------------------
 
     def _validate(self, request: pb.PrefillRequest) -> None:
-        if self.admin is not None and self.admin.draining:
-            raise UnavailableError("draining")
+        if self.gate is not None:
+            self.gate.admit("prefill")
         if not request.request_id:
             raise InvalidRequestError("must not be empty", field="request_id")
         if KVLayout.from_proto(request.layout) != self.layout:

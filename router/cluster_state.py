@@ -274,8 +274,8 @@ class ClusterState:
         entry.num_output_tokens += num_new_tokens
         decode = self._instances.get(entry.decode_id)
         if decode is not None:
-            decode.remaining_tokens += entry.remaining() - before_remaining
-            decode.growth_blocks += entry.growth_blocks() - before_growth
+            decode.remaining_tokens = max(0, decode.remaining_tokens + entry.remaining() - before_remaining)
+            decode.growth_blocks = max(0, decode.growth_blocks + entry.growth_blocks() - before_growth)
             decode.state = None
             self._pools = None
 
@@ -290,9 +290,9 @@ class ClusterState:
                 continue
             inst.inflight.pop(request_id, None)
             inst.inflight_since.pop(request_id, None)
-            if instance_id == entry.decode_id:
-                inst.remaining_tokens -= entry.remaining()
-                inst.growth_blocks -= entry.growth_blocks()
+            if instance_id == entry.decode_id:  # clamped: the instance may have re-registered meanwhile
+                inst.remaining_tokens = max(0, inst.remaining_tokens - entry.remaining())
+                inst.growth_blocks = max(0, inst.growth_blocks - entry.growth_blocks())
             inst.state = None
         self._pools = None
 

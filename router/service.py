@@ -180,6 +180,7 @@ class Router:
         detok = IncrementalDetokenizer(self.tokenizer, prompt, skip_special_tokens=sampling.skip_special_tokens)
         matcher = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output) if sampling.stop else None
         exclude: set[str] = set()
+        queued_at = time.monotonic()
         try:
             for attempt in range(self.limits.max_migrations + 1):
                 attempt_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"
@@ -194,7 +195,7 @@ class Router:
                 started = [False]
                 try:
                     async for delta in self._stream(attempt_id, continuation, dataclasses.replace(
-                            sampling, max_tokens=remaining), decision, detok, matcher, output):
+                            sampling, max_tokens=remaining), decision, detok, matcher, output, queued_at):
                         if not started[0]:
                             started[0] = True
                             await self._share_routed(routing_request, decision, -1)
@@ -219,8 +220,8 @@ class Router:
             self.predictor.observe(features, len(output))
 
     async def _stream(self, attempt_id: str, prompt: list[int], sampling: SamplingParams, decision: RoutingDecision,
-                      detok: IncrementalDetokenizer, matcher: StopStringMatcher | None, output: list[int]
-                      ) -> AsyncIterator[Delta]:
+                      detok: IncrementalDetokenizer, matcher: StopStringMatcher | None, output: list[int],
+                      queued_at: float) -> AsyncIterator[Delta]:
         client = self.pool.get(decision.decode_id)
         if client is None:
             raise _WorkerGone(f"{decision.decode_id} left")
@@ -231,6 +232,8 @@ class Router:
             request.prefill.transport = self.limits.kv_transport
             request.prefill.num_streams = self.limits.kv_num_streams
         call = client.decode.Generate(request, timeout=self.limits.request_timeout_s)
+        metrics.REQUEST_PHASE.labels(self.labels["model"], self.labels["instance"], "router_queue").observe(
+            time.monotonic() - queued_at)
         first = True
         try:
             async for msg in call:

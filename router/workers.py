@@ -97,8 +97,7 @@ class WorkerPool:
     def _set_role(self, client: WorkerClient, role: str) -> None:
         logger.info("worker %s is now %s (was %s)", client.instance_id, role, client.role)
         client.role = role
-        self.state.unregister(client.instance_id)
-        self.state.register(client.instance_id, role, client.endpoint.address)
+        self.state.register(client.instance_id, role, client.endpoint.address)  # in place: keeps its ledger
 
     def get(self, instance_id: str) -> WorkerClient | None:
         return self.clients.get(instance_id)

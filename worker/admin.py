@@ -21,6 +21,8 @@ from common.rpc import worker_pb2_grpc as pb_grpc
 from engine.async_engine import AsyncEngine
 from engine.block_pool import KVEvents
 from kvtransfer.layout import KVLayout
+from worker.grpc_errors import grpc_errors
+from worker.roles import RoleGate, RoleSwitcher
 
 logger = logging.getLogger(__name__)
 
@@ -29,20 +31,28 @@ EVENT_QUEUE_LIMIT = 10_000  # batches; a subscriber that falls this far behind i
 
 
 class AdminService(pb_grpc.WorkerAdminServicer):
-    def __init__(self, engine: AsyncEngine, *, role: str, instance_id: str, model: str,
-                 in_flight: Callable[[], int], transfers_in_flight: Callable[[], int]) -> None:
+    def __init__(self, engine: AsyncEngine, *, gate: RoleGate, switcher: RoleSwitcher, instance_id: str,
+                 model: str, in_flight: Callable[[], int], transfers_in_flight: Callable[[], int]) -> None:
         self.engine = engine
-        self.role = role
+        self.gate = gate
+        self.switcher = switcher
         self.instance_id = instance_id
         self.model = model
         self.layout = KVLayout.of_cache(engine.core.runner.kv_caches)
-        self.draining = False
         self._in_flight = in_flight
         self._transfers_in_flight = transfers_in_flight
         self._subscribers: set[asyncio.Queue] = set()
         engine.on_kv_events = self._publish
 
-    # --- health and drain -----------------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        return self.gate.role
+
+    @property
+    def draining(self) -> bool:
+        return self.gate.draining
+
+    # --- health, drain, role ---------------------------------------------------------------------
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         status = pb.HealthResponse.STATUS_DRAINING if self.draining else pb.HealthResponse.STATUS_SERVING
@@ -55,11 +65,16 @@ class AdminService(pb_grpc.WorkerAdminServicer):
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new work; wait for in-flight work to finish. Returns what is still in flight."""
-        self.draining = True
+        self.gate.draining = True
         deadline = time.monotonic() + timeout_s
         while (remaining := self._in_flight()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return remaining
+
+    @grpc_errors
+    async def SetRole(self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext) -> pb.SetRoleResponse:
+        role, drained, aborted = await self.switcher.switch(request.role, request.drain_timeout_s or 30.0)
+        return pb.SetRoleResponse(role=role, drained=drained, num_aborted=aborted)
 
     # --- load reports ---------------------------------------------------------------------------
 

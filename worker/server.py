@@ -10,12 +10,9 @@ which launchers and tests wait for (the port may have been picked by the OS).
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +26,13 @@ from engine.core import EngineCore
 logger = logging.getLogger(__name__)
 
 
-def grpc_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Map typed errors raised by a servicer method onto gRPC status codes."""
-    if inspect.isasyncgenfunction(handler):
-        @functools.wraps(handler)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async for item in handler(self, request, context):
-                    yield item
-            except PdserveError as e:
-                await context.abort(grpc.StatusCode[e.grpc_code], str(e))
-        return stream
-
-    @functools.wraps(handler)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await handler(self, request, context)
-        except PdserveError as e:
-            await context.abort(grpc.StatusCode[e.grpc_code], str(e))
-    return unary
-
-
 async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerConfig) -> None:
+    from common.rpc import worker_pb2_grpc as pb_grpc
+    from decode_worker.service import DecodeWorker
+    from prefill_worker.service import PrefillWorker
     from worker.admin import AdminService
+    from worker.metrics import publish_engine_metrics
+    from worker.roles import RoleGate, RoleSwitcher
 
     core = EngineCore(engine_config, record_kv_events=True)
     engine = AsyncEngine(core)
@@ -61,31 +42,38 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
                                       ("grpc.max_send_message_length", max_bytes),
                                       ("grpc.so_reuseport", 0)])
     port = server.add_insecure_port(worker_config.address)
-    instance_id = worker_config.instance_id or worker_config.advertise_address or f"{worker_config.host}:{port}"
+    address = worker_config.advertise_address or f"{worker_config.host}:{port}"
+    instance_id = worker_config.instance_id or address
     model_name = Path(engine_config.model).name
-    if role == "prefill":
-        from prefill_worker.service import PrefillWorker
+    # both roles live in every worker; the gate says which one takes new work (role flips need no restart)
+    gate = RoleGate(role)
+    prefill = PrefillWorker(engine, worker_config, instance_id=instance_id, model=model_name)
+    decode = DecodeWorker(engine, worker_config, instance_id=instance_id, model=model_name)
+    services: dict[str, Any] = {"prefill": prefill, "decode": decode}
+    registration = None
 
-        service: Any = PrefillWorker(engine, worker_config, instance_id=instance_id, model=model_name)
-    else:
-        from decode_worker.service import DecodeWorker
+    async def switched(new_role: str) -> None:
+        if registration is not None:
+            await registration.set_role(new_role)
 
-        service = DecodeWorker(engine, worker_config, instance_id=instance_id, model=model_name)
-    admin = AdminService(engine, role=role, instance_id=instance_id, model=model_name,
-                         in_flight=service.num_in_flight, transfers_in_flight=service.num_transfers_in_flight)
-    service.admin = admin
-    service.register(server)
-    await service.start()
-    from common.rpc import worker_pb2_grpc as pb_grpc
-
+    switcher = RoleSwitcher(gate, services, on_switched=switched)
+    admin = AdminService(engine, gate=gate, switcher=switcher, instance_id=instance_id, model=model_name,
+                         in_flight=lambda: prefill.num_in_flight() + decode.num_in_flight(),
+                         transfers_in_flight=lambda: prefill.num_transfers_in_flight()
+                         + decode.num_transfers_in_flight())
+    for service in services.values():
+        service.gate = gate
+        service.register(server)
+        await service.start()
     pb_grpc.add_WorkerAdminServicer_to_server(admin, server)
+    metrics_task = None
     if worker_config.metrics_port is not None:
         from prometheus_client import start_http_server
 
         start_http_server(worker_config.metrics_port, addr=worker_config.host)
+        metrics_task = asyncio.create_task(publish_engine_metrics(engine, gate, model=model_name,
+                                                                  instance=instance_id))
     await server.start()
-    address = worker_config.advertise_address or f"{worker_config.host}:{port}"
-    registration = None
     if worker_config.redis_url:
         from router.discovery import WorkerEndpoint
         from worker.registration import RedisRegistration
@@ -107,8 +95,11 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
     remaining = await admin.drain(worker_config.drain_timeout_s)
     if remaining:
         logger.warning("stopping with %d requests still in flight", remaining)
+    if metrics_task is not None:
+        metrics_task.cancel()
     await server.stop(grace=1.0)
-    await service.close()
+    for service in services.values():
+        await service.close()
     await engine.stop()
 
 
