@@ -87,9 +87,16 @@ class EngineConfig:
     """Never use CUDA graphs."""
     seed: int = 0
     """Seed of the sampler's generator for unseeded random requests."""
+    load_format: str = "safetensors"
+    """safetensors (the checkpoint's weights) or dummy (random weights of the config's shape, for benchmarks)."""
+    max_graph_batch_size: int = 256
+    """Largest decode batch run under a CUDA graph (larger batches run eagerly)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        _check(self.load_format in ("safetensors", "dummy"), "load_format",
+               f"must be safetensors or dummy, got {self.load_format!r}")
+        _check(self.max_graph_batch_size >= 1, "max_graph_batch_size", "must be positive")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")

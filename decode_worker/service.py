@@ -147,7 +147,8 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
             raise PermissionDeniedError(f"{target.address!r} is not a known prefill worker",
                                         field="prefill.address")
         transport = target.transport or TRANSPORTS[self.config.kv_transport]
-        if transport not in SUPPORTED_TRANSPORTS:
+        supported = SUPPORTED_TRANSPORTS | ({pb.KV_TRANSPORT_NCCL} if self.engine.core.device.type == "cuda" else set())
+        if transport not in supported:
             raise InvalidRequestError(f"KV transport {transport} is not available", field="prefill.transport")
         if not 0 <= target.num_streams <= 16:
             raise InvalidRequestError("must be in [0, 16]", field="prefill.num_streams")

@@ -145,6 +145,10 @@ class AsyncEngine:
 
     def _run(self) -> None:
         core = self.core
+        if core.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(core.device)  # the current device is per thread
         while not self._stopping:
             self._run_commands()
             if core.scheduler.has_work() or core.has_pending_outputs():

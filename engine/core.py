@@ -85,6 +85,8 @@ class EngineCore:
         self.model_config = load_model_config(config.model)
         mc = self.model_config
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # Triton launches on the current device
         self.dtype = resolve_dtype(config.dtype, mc)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
@@ -98,6 +100,7 @@ class EngineCore:
                                   max_model_len=self.max_model_len)
         num_blocks = self.runner.plan_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_graphs()
         self.kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching,
                                  record_events=record_kv_events)
         self.scheduler = Scheduler(config, self.kv, make_batch_policy(config.batch_policy))

@@ -118,21 +118,7 @@ def write_demo_model(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_demo_tokenizer(vocab_size)
-    tokenizer.save(str(out / "tokenizer.json"))
-    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    bos_id, end_id, eot_id = ids[BOS_TOKEN], ids[END_OF_TEXT_TOKEN], ids[EOT_TOKEN]
-
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOT_TOKEN,
-        "pad_token": END_OF_TEXT_TOKEN,
-        "model_max_length": max_position_embeddings,
-        "clean_up_tokenization_spaces": False,
-        "model_input_names": ["input_ids", "attention_mask"],
-        "chat_template": CHAT_TEMPLATE,
-    })
+    bos_id, end_id, eot_id = write_demo_tokenizer(out, vocab_size, max_position_embeddings)
     head_dim = hidden_size // num_heads
     rope_theta = 500000.0
     _write_json(out / "config.json", {
@@ -171,6 +157,24 @@ def write_demo_model(
                               intermediate_size, seed, getattr(torch, dtype))
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def write_demo_tokenizer(out: Path, vocab_size: int, model_max_length: int) -> tuple[int, int, int]:
+    """Write the demo tokenizer (``tokenizer.json``, ``tokenizer_config.json``); returns (bos, end, eot) ids."""
+    tokenizer = build_demo_tokenizer(vocab_size)
+    tokenizer.save(str(out / "tokenizer.json"))
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOT_TOKEN,
+        "pad_token": END_OF_TEXT_TOKEN,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "chat_template": CHAT_TEMPLATE,
+    })
+    return ids[BOS_TOKEN], ids[END_OF_TEXT_TOKEN], ids[EOT_TOKEN]
 
 
 def build_demo_tokenizer(vocab_size: int) -> HFTokenizer:

@@ -104,6 +104,13 @@ def encode_chunk(header: pb.KVChunkHeader, parts: Sequence[memoryview | bytes], 
     return b"".join([_TAG_1_LEN, _varint(len(inner) + size), inner, *parts])
 
 
+def encode_header(header: pb.KVChunkHeader) -> bytes:
+    """A serialized chunk message with no payload; the header's payload fields are kept as set."""
+    hdr = seal_header(header)
+    inner = _TAG_1_LEN + _varint(len(hdr)) + hdr
+    return _TAG_1_LEN + _varint(len(inner)) + inner
+
+
 def decode_message(raw: bytes) -> tuple[pb.KVChunkHeader, memoryview] | pb.PrefillDone:
     """A chunk as (verified header, payload view into ``raw``), or a verified PrefillDone."""
     buf = memoryview(raw)

@@ -33,8 +33,8 @@ from common.errors import KVTransferError, PdserveError
 from common.rpc import worker_pb2 as pb
 from engine.request import TokenLogprobs
 from kvtransfer.codec import decode_message
-from kvtransfer.layout import KVLayout, write_payload
-from kvtransfer.transport import PayloadSource, make_source
+from kvtransfer.layout import KVLayout
+from kvtransfer.transport import PayloadSource, open_source
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ class KVConsumer:
         bs = self.layout.block_size
         first, last = num_cached_tokens // bs, -(-len(prompt_token_ids) // bs)
         dest = block_ids[first:last]
-        source = make_source(transport, self.layout, len(dest))
+        source = await open_source(transport, self.layout, len(dest), peer=address,
+                                   device=self.kv_caches[0].device)
         state = _State(request_id, source, set(dest), [set() for _ in range(self.layout.num_layers)])
         request = pb.PrefillRequest(
             request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling, dest_block_ids=dest,
@@ -125,6 +126,8 @@ class KVConsumer:
         try:
             async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a racing cancellation
                 await asyncio.gather(*tasks)
+                if state.done is not None:  # GPU transports: the last chunks may still be landing
+                    await asyncio.to_thread(source.finish, max(0.0, timeout_s - (time.monotonic() - start)))
         except TimeoutError as e:
             raise KVTransferError(f"transfer of {request_id} timed out after {timeout_s}s", code="timeout") from e
         except grpc.aio.AioRpcError as e:
@@ -135,7 +138,7 @@ class KVConsumer:
             for task in tasks:
                 task.cancel()
             # chunks being written finish before anyone may free the blocks (a short, bounded wait)
-            concurrent.futures.wait(state.inflight)
+            concurrent.futures.wait(list(state.inflight))
             source.close()
         done = state.done
         if done is None:
@@ -193,11 +196,7 @@ class KVConsumer:
                     raise KVTransferError(f"chunk writes block {b}, not reserved or already written",
                                           code="checksum")
             received.update(ids)
-        payload = state.source.payload(header, inline)
-        expected = 2 * len(ids) * layout.block_bytes
-        if payload.nbytes != expected:
-            raise KVTransferError(f"payload has {payload.nbytes} bytes, expected {expected}", code="checksum")
-        write_payload(self.kv_caches[header.layer], ids, payload, layout)
+        nbytes = state.source.apply(header, inline, self.kv_caches[header.layer], layout)
         with state.lock:
             state.num_chunks += 1
-            state.num_bytes += payload.nbytes
+            state.num_bytes += nbytes

@@ -65,7 +65,12 @@ def contiguous_runs(block_ids: list[int]) -> list[tuple[int, int]]:
 
 
 def payload_views(layer_cache: torch.Tensor, block_ids: list[int]) -> list[memoryview]:
-    """Zero-copy byte views of K then V of ``block_ids`` in one (host) layer cache."""
+    """Byte views of K then V of ``block_ids`` in one layer cache: zero-copy on the host; from a GPU
+    cache, one gather and one device-to-host copy (which waits for the layer to finish)."""
+    if layer_cache.device.type != "cpu":
+        ids = torch.tensor(block_ids, dtype=torch.int64).to(layer_cache.device, non_blocking=True)
+        host = layer_cache.index_select(1, ids).to("cpu")  # [2, n, bs, H, D]
+        return [memoryview(host.view(torch.uint8).numpy()).cast("B")]
     views = []
     for kv in (0, 1):
         for start, end in contiguous_runs(block_ids):

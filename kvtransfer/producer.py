@@ -178,7 +178,7 @@ class KVProducer:
         for q in transfer.queues:
             q.put_nowait(END)
         try:
-            transfer.sink.close()
+            transfer.sink.close(completed)
         except Exception:
             logger.exception("closing the payload sink of %s", request_id)
         if completed:
@@ -213,9 +213,10 @@ class KVProducer:
 
     def layer_done(self, layer: int) -> None:
         cache = self.kv_caches[layer]
-        per_chunk = max(1, self.max_chunk_bytes // (2 * self.layout.block_bytes))  # blocks per message
         for p in self._planned:
             t = p.transfer
+            limit = getattr(t.sink, "max_chunk_bytes", self.max_chunk_bytes)
+            per_chunk = max(1, limit // (2 * self.layout.block_bytes))  # blocks per message
             for i in range(0, len(p.src_block_ids), per_chunk):
                 if t.closed or t.failed:
                     break

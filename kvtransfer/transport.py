@@ -8,8 +8,11 @@ The control stream always carries the chunk headers, in order; the payload goes
 * ``grpc``: inside the chunk message itself (works everywhere; the default);
 * ``local``: into a shared-memory segment the consumer created on the same host
   and named in ``transport_params``; the message carries only its offset;
-* ``nccl``: over a two-rank NCCL communicator whose unique id travels in
-  ``transport_params`` (GPU only; not built yet, so it is refused).
+* ``nccl``: over a two-rank NCCL communicator per (prefill, decode) pair, whose
+  unique id travels in ``transport_params`` (GPU only; ``kvtransfer.nccl``).
+
+``open_sink`` / ``open_source`` build the halves (NCCL's need a communicator
+set up first, so they are coroutines); everything else is synchronous.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from common.errors import InvalidRequestError, KVTransferError
 from common.rpc import worker_pb2 as pb
 from kvtransfer.codec import encode_chunk, payload_checksum
-from kvtransfer.layout import KVLayout, payload_views
+from kvtransfer.layout import KVLayout, payload_views, write_payload
 
 
 class PayloadSink(Protocol):
@@ -37,21 +40,35 @@ class PayloadSink(Protocol):
         """Send (or stage) the payload of ``src_block_ids``; return the serialized control message."""
         ...
 
-    def close(self) -> None: ...
+    def close(self, completed: bool = True) -> None:
+        """The transfer ended (``completed``: its consumer collected everything)."""
+        ...
 
 
 class PayloadSource(Protocol):
-    """Consumer half."""
+    """Consumer half. ``apply`` runs on the consumer's worker threads, one call per chunk."""
 
     def transport_params(self) -> bytes:
         """What the producer needs to reach this source (sent in ``PrefillRequest``)."""
         ...
 
-    def payload(self, header: pb.KVChunkHeader, inline: memoryview) -> memoryview:
-        """The verified payload bytes of a received chunk."""
+    def apply(self, header: pb.KVChunkHeader, inline: memoryview, layer_cache: torch.Tensor, layout: KVLayout
+              ) -> int:
+        """Write a received chunk's (verified) payload into its blocks; returns the payload bytes."""
+        ...
+
+    def finish(self, timeout_s: float) -> None:
+        """Block until every chunk applied so far is in the cache (GPU transports complete asynchronously)."""
         ...
 
     def close(self) -> None: ...
+
+
+def _check_size(header: pb.KVChunkHeader, layout: KVLayout, nbytes: int) -> None:
+    expected = 2 * len(header.block_ids) * layout.block_bytes
+    if nbytes != expected or header.payload_bytes != expected:
+        raise KVTransferError(f"payload has {nbytes} bytes (header {header.payload_bytes}), expected {expected}",
+                              code="checksum")
 
 
 # --- grpc: payload inline -----------------------------------------------------------------------
@@ -64,7 +81,7 @@ class GrpcSink:
     def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]) -> bytes:
         return encode_chunk(header, payload_views(layer_cache, src_block_ids), checksum=self.checksum)
 
-    def close(self) -> None:
+    def close(self, completed: bool = True) -> None:
         pass
 
 
@@ -72,11 +89,14 @@ class GrpcSource:
     def transport_params(self) -> bytes:
         return b""
 
-    def payload(self, header: pb.KVChunkHeader, inline: memoryview) -> memoryview:
-        if inline.nbytes != header.payload_bytes:
-            raise KVTransferError(f"payload has {inline.nbytes} bytes, header says {header.payload_bytes}",
-                                  code="checksum")
-        return inline  # checksum already verified by the codec
+    def apply(self, header: pb.KVChunkHeader, inline: memoryview, layer_cache: torch.Tensor, layout: KVLayout
+              ) -> int:
+        _check_size(header, layout, inline.nbytes)  # the codec already verified the checksum
+        write_payload(layer_cache, list(header.block_ids), inline, layout)
+        return inline.nbytes
+
+    def finish(self, timeout_s: float) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -111,7 +131,17 @@ class LocalSource:
     def transport_params(self) -> bytes:
         return self.name.encode()
 
-    def payload(self, header: pb.KVChunkHeader, inline: memoryview) -> memoryview:
+    def apply(self, header: pb.KVChunkHeader, inline: memoryview, layer_cache: torch.Tensor, layout: KVLayout
+              ) -> int:
+        view = self._payload(header)
+        _check_size(header, layout, view.nbytes)
+        write_payload(layer_cache, list(header.block_ids), view, layout)
+        return view.nbytes
+
+    def finish(self, timeout_s: float) -> None:
+        pass
+
+    def _payload(self, header: pb.KVChunkHeader) -> memoryview:
         if header.shm_name != self.name:
             raise KVTransferError("chunk names another shared-memory segment", code="checksum")
         start, end = header.shm_offset, header.shm_offset + header.payload_bytes
@@ -160,8 +190,26 @@ class LocalSink:
         self.offset = pos
         return encode_chunk(header, parts, checksum=self.checksum, inline=False)
 
-    def close(self) -> None:
+    def close(self, completed: bool = True) -> None:
         self._map.close()
+
+
+async def open_sink(transport: int, params: bytes, layout: KVLayout, *, checksum: bool,
+                    device: torch.device) -> PayloadSink:
+    if transport == pb.KV_TRANSPORT_NCCL:
+        from kvtransfer.nccl import open_nccl_sink
+
+        return await open_nccl_sink(params, device)
+    return make_sink(transport, params, layout, checksum=checksum)
+
+
+async def open_source(transport: int, layout: KVLayout, num_blocks: int, *, peer: str,
+                      device: torch.device) -> PayloadSource:
+    if transport == pb.KV_TRANSPORT_NCCL:
+        from kvtransfer.nccl import open_nccl_source
+
+        return await open_nccl_source(peer, device)
+    return make_source(transport, layout, num_blocks)
 
 
 def make_sink(transport: int, params: bytes, layout: KVLayout, *, checksum: bool) -> PayloadSink:

@@ -52,13 +52,14 @@ def _body(request: api.CompletionRequest) -> tuple[str, dict[str, Any]]:
 
 class CompletionsService(api_grpc.CompletionsServicer):
     def __init__(self, router: Router, tokenizer: Tokenizer, *, served_model_name: str, max_model_len: int,
-                 max_n: int, keys: ApiKeys) -> None:
+                 max_n: int, keys: ApiKeys, vocab_size: int | None = None) -> None:
         self.router = router
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name
         self.max_model_len = max_model_len
         self.max_n = max_n
         self.keys = keys
+        self.vocab_size = vocab_size
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
@@ -86,8 +87,11 @@ class CompletionsService(api_grpc.CompletionsServicer):
             kind, body = _body(request)
             if body["model"] != self.served_model_name:
                 raise NotFoundError(f"the model {body['model']!r} does not exist", field="model")
-            parse = oai.parse_chat if kind == "chat" else oai.parse_completion
-            req = parse(body, self.tokenizer, max_model_len=self.max_model_len, max_n=self.max_n)
+            if kind == "chat":
+                req = oai.parse_chat(body, self.tokenizer, max_model_len=self.max_model_len, max_n=self.max_n)
+            else:
+                req = oai.parse_completion(body, self.tokenizer, max_model_len=self.max_model_len, max_n=self.max_n,
+                                           vocab_size=self.vocab_size)
             response_id = oai.new_id(kind)
             choices = await start_choices(self.router, req, response_id)
         except PdserveError as e:

@@ -52,6 +52,7 @@ class ApiSettings:
     max_n: int
     max_body_bytes: int
     instance: str
+    vocab_size: int | None = None  # the model's; token-id prompts must be below it
 
 
 def error_response(error: PdserveError) -> JSONResponse:
@@ -163,7 +164,8 @@ def create_app(router: Router, tokenizer: Tokenizer, settings: ApiSettings, *, k
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await _body(request)
-        parsed = oai.parse_completion(body, tokenizer, max_model_len=settings.max_model_len, max_n=settings.max_n)
+        parsed = oai.parse_completion(body, tokenizer, max_model_len=settings.max_model_len, max_n=settings.max_n,
+                                      vocab_size=settings.vocab_size)
         return await _respond(parsed)
 
     @app.post("/v1/chat/completions")

@@ -127,8 +127,9 @@ def _model(body: dict[str, Any]) -> str:
     return model
 
 
-def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, *, max_model_len: int, max_n: int
-                     ) -> CompletionRequest:
+def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, *, max_model_len: int, max_n: int,
+                     vocab_size: int | None = None) -> CompletionRequest:
+    """``vocab_size``: the model's (token-id prompts must be below it); default the tokenizer's."""
     model = _model(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -149,7 +150,7 @@ def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, *, max_model_le
                                   "lists of token ids", field="prompt")
     if any(not p for p in prompts):
         raise InvalidRequestError("must not be empty", field="prompt")
-    vocab = tokenizer.vocab_size
+    vocab = vocab_size or tokenizer.vocab_size
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise InvalidRequestError(f"token ids must be in [0, {vocab})", field="prompt")
     logprobs = _get(body, "logprobs", int)

@@ -50,6 +50,7 @@ class ModelShape:
 
     max_position_embeddings: int
     kv_bytes_per_token: int
+    vocab_size: int
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelShape:
@@ -63,7 +64,7 @@ class ModelShape:
         kv_heads = cfg.get("num_key_value_heads") or heads
         dtype = DTYPE_BYTES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"), 2)
         return cls(int(cfg.get("max_position_embeddings", 4096)),
-                   2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype)
+                   2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype, int(cfg["vocab_size"]))
 
 
 def make_discovery(config: RouterConfig) -> Discovery:
@@ -116,7 +117,8 @@ async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int
         block_size=block_size, labels={"model": served, "instance": instance}, shared=shared)
     keys = ApiKeys.load(file=config.api_keys_file or None, keys=config.api_keys)
     settings = ApiSettings(served_model_name=served, max_model_len=max_model_len, max_n=config.max_n,
-                           max_body_bytes=config.max_body_bytes, instance=instance)
+                           max_body_bytes=config.max_body_bytes, instance=instance,
+                           vocab_size=max(shape.vocab_size, tokenizer.vocab_size))
 
     def ready() -> bool:
         return bool(pool.healthy("decode"))
@@ -132,7 +134,7 @@ async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int
         grpc_server = grpc.aio.server()
         api_grpc.add_CompletionsServicer_to_server(CompletionsService(
             router, tokenizer, served_model_name=served, max_model_len=max_model_len, max_n=config.max_n,
-            keys=keys), grpc_server)
+            keys=keys, vocab_size=max(shape.vocab_size, tokenizer.vocab_size)), grpc_server)
         grpc_port = grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
         await grpc_server.start()
         logger.info("gRPC API on %s:%d", config.host, grpc_port)

@@ -67,7 +67,8 @@ def _target(name: str, config: ModelConfig) -> tuple[str, int, int]:
 
 
 def load_model(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dtype, device: torch.device,
-               max_position: int) -> CausalLM:
+               max_position: int, load_format: str = "safetensors") -> CausalLM:
+    """The model with the checkpoint's weights, or random ones of the same shape (``load_format="dummy"``)."""
     model_dir = Path(model_dir)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -77,6 +78,8 @@ def load_model(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dtype
     finally:
         torch.set_default_dtype(default)
     model.rotary.to(dtype)
+    if load_format == "dummy":
+        return _randomize(model).eval()
     params = dict(model.named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}
     for name, tensor in iter_checkpoint(model_dir):
@@ -98,3 +101,17 @@ def load_model(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dtype
     if missing:
         raise ConfigError(f"checkpoint lacks weights for {missing[:5]}", field="model")
     return model.eval()
+
+
+@torch.no_grad()
+def _randomize(model: CausalLM) -> CausalLM:
+    """Weights drawn as Hugging Face initialises them (normal, std 0.02; norms 1; biases 0)."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+    return model

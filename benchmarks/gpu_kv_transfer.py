@@ -1,0 +1,217 @@
+"""KV transfer between two GPUs: the nccl and grpc transports against plain baselines, bit-exact.
+
+A 4,096-token prompt's KV of a Llama-3-8B-shaped model (32 layers x 256 blocks
+of 16 tokens x 8 KV heads x 128 dims, bf16: 512 MiB) goes from a producer
+process on cuda:0 to a consumer (this process) on cuda:1 through the real
+path (``KVProducer`` hooks as the engine calls them, payload sink, Prefill
+stream, ``KVConsumer``), and is checked bit for bit against what was sent.
+Baselines in the same run: one ``torch.distributed`` NCCL send/recv of a
+512 MiB tensor between the same GPUs (two processes), and a plain gRPC byte
+stream of the same bytes in the grpc transport's message sizes.
+
+    python benchmarks/gpu_kv_transfer.py --json FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.rpc import worker_pb2 as pb
+from common.rpc_convert import sampling_to_proto
+from common.sampling import SamplingParams
+from engine.scheduler import ScheduledRequest
+from kvtransfer.consumer import KVConsumer
+from kvtransfer.producer import KVProducer
+from kvtransfer.transport import open_sink
+
+LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 32, 256, 16, 8, 128
+DTYPE = torch.bfloat16
+MAX_MESSAGE = 1 << 30
+TOTAL_BYTES = LAYERS * 2 * BLOCKS * BLOCK_SIZE * HEADS * DIM * 2
+
+
+def make_cache(seed: int, device: str) -> list[torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(2, BLOCKS, BLOCK_SIZE, HEADS, DIM, generator=g, device=device, dtype=torch.float32).to(DTYPE)
+            for _ in range(LAYERS)]
+
+
+async def serve(device: str) -> None:
+    torch.cuda.set_device(device)
+    kv = make_cache(0, device)
+    loop = asyncio.get_running_loop()
+    producer = KVProducer(kv, loop, lease_s=60)
+    plain_chunk = bytes(producer.max_chunk_bytes)
+
+    def compute(request: pb.PrefillRequest) -> None:  # the engine thread's part, as for a 4,096-token prompt
+        torch.cuda.set_device(device)
+        step = [ScheduledRequest(request.request_id, list(request.prompt_token_ids), 0, list(range(BLOCKS)), True,
+                                 SamplingParams(), None, 0)]
+        producer.begin_step(step)
+        for layer in range(LAYERS):
+            producer.layer_done(layer)
+        producer.end_step()
+        loop.call_soon_threadsafe(producer.prefilled, request.request_id, 1, None, 0)
+
+    async def prefill(request: pb.PrefillRequest, context):
+        sink = await open_sink(request.transport, request.transport_params, producer.layout, checksum=True,
+                               device=torch.device(device))
+        transfer = producer.open(request.request_id, len(request.prompt_token_ids), list(request.dest_block_ids),
+                                 0, sink, request.num_streams)
+        threading.Thread(target=compute, args=(request,)).start()
+        async for item in producer.relay(transfer, 0):
+            yield item
+
+    async def plain(request: bytes, context):
+        count, = struct.unpack("<I", request)
+        for _ in range(count):
+            yield plain_chunk
+
+    def passthrough(m):
+        return m if isinstance(m, bytes) else m.SerializeToString()
+
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE),
+                                      ("grpc.max_receive_message_length", MAX_MESSAGE)])
+    server.add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler("pdserve.v1.PrefillService", {
+            "Prefill": grpc.unary_stream_rpc_method_handler(prefill, pb.PrefillRequest.FromString, passthrough)}),
+        grpc.method_handlers_generic_handler("bench.Bytes", {
+            "Stream": grpc.unary_stream_rpc_method_handler(plain, bytes, passthrough)}),
+    ))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"READY 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+async def run_transport(address: str, transport: int, repeats: int, device: str) -> tuple[list[float], bool]:
+    torch.cuda.set_device(device)
+    kv = [torch.zeros(2, BLOCKS, BLOCK_SIZE, HEADS, DIM, dtype=DTYPE, device=device) for _ in range(LAYERS)]
+    consumer = KVConsumer(kv, consumer_id="bench", max_message_bytes=MAX_MESSAGE)
+    times = []
+    for i in range(repeats + 1):
+        result = await consumer.fetch(
+            address=address, transport=transport, num_streams=1, request_id=f"t{transport}-{i}",
+            prompt_token_ids=[1] * (BLOCKS * BLOCK_SIZE), sampling=sampling_to_proto(SamplingParams()),
+            block_ids=list(range(BLOCKS)), num_cached_tokens=0, timeout_s=120)
+        if i:
+            times.append(result.seconds)
+    expected = make_cache(0, device)
+    exact = all(torch.equal(a, b) for a, b in zip(kv, expected))
+    await consumer.close()
+    return times, exact
+
+
+async def run_plain(address: str, repeats: int, chunk_bytes: int) -> list[float]:
+    count = TOTAL_BYTES // chunk_bytes
+    times = []
+    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE)]) as ch:
+        call = ch.unary_stream("/bench.Bytes/Stream", request_serializer=bytes, response_deserializer=bytes)
+        for i in range(repeats + 1):
+            start = time.monotonic()
+            async for _ in call(struct.pack("<I", count)):
+                pass
+            if i:
+                times.append(time.monotonic() - start)
+    return times
+
+
+def torch_distributed_baseline(repeats: int) -> list[float]:
+    """One 512 MiB tensor sent cuda:0 -> cuda:1 with torch.distributed (NCCL), two processes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, __file__, "--dist-rank", str(r), "--dist-port", str(port),
+                               "--repeats", str(repeats)], stdout=subprocess.PIPE, text=True) for r in (0, 1)]
+    out = [p.communicate(timeout=300)[0] for p in procs]
+    return json.loads(out[1].strip().splitlines()[-1])
+
+
+def dist_rank(rank: int, port: int, repeats: int) -> None:
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    tensor = torch.ones(TOTAL_BYTES, dtype=torch.uint8, device=f"cuda:{rank}")
+    times = []
+    for i in range(repeats + 2):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        if rank == 0:
+            dist.send(tensor, 1)
+        else:
+            dist.recv(tensor, 0)
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    dist.destroy_process_group()
+    print(json.dumps(times), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--dist-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dist-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.serve))
+        return
+    if args.dist_rank is not None:
+        dist_rank(args.dist_rank, args.dist_port, args.repeats)
+        return
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
+    server = subprocess.Popen([sys.executable, __file__, "--serve", "cuda:0"], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        address = server.stdout.readline().split()[1]
+
+        async def runs() -> dict:
+            nccl, nccl_exact = await run_transport(address, pb.KV_TRANSPORT_NCCL, args.repeats, "cuda:1")
+            grpc_t, grpc_exact = await run_transport(address, pb.KV_TRANSPORT_GRPC, args.repeats, "cuda:1")
+            plain = await run_plain(address, args.repeats, 4 << 20)
+            return {"nccl": nccl, "nccl_bit_exact": nccl_exact, "grpc": grpc_t, "grpc_bit_exact": grpc_exact,
+                    "plain_grpc": plain}
+
+        measured = asyncio.run(runs())
+    finally:
+        server.kill()
+    dist_times = torch_distributed_baseline(args.repeats)
+    gbs = {name: TOTAL_BYTES / statistics.median(measured[name]) / 1e9 for name in ("nccl", "grpc", "plain_grpc")}
+    gbs["torch_distributed"] = TOTAL_BYTES / statistics.median(dist_times) / 1e9
+    result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "bytes": TOTAL_BYTES,
+              "gb_per_s": gbs, "nccl_vs_torch_distributed": gbs["nccl"] / gbs["torch_distributed"],
+              "grpc_vs_plain_grpc": gbs["grpc"] / gbs["plain_grpc"], "nccl_bit_exact": measured["nccl_bit_exact"],
+              "grpc_bit_exact": measured["grpc_bit_exact"],
+              "seconds": {**{k: measured[k] for k in ("nccl", "grpc", "plain_grpc")}, "torch_distributed": dist_times}}
+    for name, rate in gbs.items():
+        print(f"{name:18s} {rate:8.2f} GB/s")
+    print(f"nccl / torch.distributed {result['nccl_vs_torch_distributed']:.2f}, grpc / plain gRPC "
+          f"{result['grpc_vs_plain_grpc']:.2f}, bit-exact nccl {result['nccl_bit_exact']} grpc "
+          f"{result['grpc_bit_exact']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
