@@ -41,6 +41,17 @@ from common.sampling import SamplingParams
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
 ENGINE = ["--dtype", "bfloat16", "--load-format", "dummy", "--max-model-len", "20480", "--max-num-batched-tokens",
           "8192", "--max-num-requests", "256", "--max-graph-batch-size", "128"]
+DEVICES = ["cuda:0", "cuda:1"]
+TRANSPORT = pb.KV_TRANSPORT_NCCL
+TRANSPORT_NAME = "nccl"
+
+
+def dry_run() -> None:
+    """Wire everything on the CPU with a small model, to check the script before spending GPU time."""
+    global ENGINE, DEVICES, TRANSPORT, TRANSPORT_NAME
+    ENGINE = ["--dtype", "float32", "--load-format", "dummy", "--max-model-len", "20480", "--num-blocks", "4096"]
+    DEVICES = ["cpu", "cpu"]
+    TRANSPORT, TRANSPORT_NAME = pb.KV_TRANSPORT_GRPC, "grpc"
 
 
 def ttft(decode: str, prefill: str | None, n: int, rid: str) -> float:
@@ -51,7 +62,7 @@ def ttft(decode: str, prefill: str | None, n: int, rid: str) -> float:
         SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
     if prefill:
         request.prefill.address = prefill
-        request.prefill.transport = pb.KV_TRANSPORT_NCCL
+        request.prefill.transport = TRANSPORT
     with grpc.insecure_channel(decode) as channel:
         start = time.perf_counter()
         first = next(iter(pb_grpc.DecodeServiceStub(channel).Generate(request, timeout=120)))
@@ -61,13 +72,13 @@ def ttft(decode: str, prefill: str | None, n: int, rid: str) -> float:
     return elapsed
 
 
-def part_ttft(model: Path, logs: Path, repeats: int) -> dict:
-    p = worker("prefill", model, logs, *ENGINE, "--device", "cuda:0")
-    d = worker("decode", model, logs, *ENGINE, "--device", "cuda:1", "--prefill-peers", p.address,
+def part_ttft(model: Path, logs: Path, repeats: int, lengths: list[int]) -> dict:
+    p = worker("prefill", model, logs, *ENGINE, "--device", DEVICES[0])
+    d = worker("decode", model, logs, *ENGINE, "--device", DEVICES[1], "--prefill-peers", p.address,
                "--local-prefill-max-tokens", "0")
     out = {}
     try:
-        for n in (1024, 4096, 16384):
+        for n in lengths:
             for i in range(2):  # warm: NCCL channel, kernels for this shape
                 ttft(d.address, p.address, n, f"w{n}-{i}"), ttft(d.address, None, n, f"wl{n}-{i}")
             remote = [ttft(d.address, p.address, n, f"r{n}-{i}") for i in range(repeats)]
@@ -96,19 +107,20 @@ def wait_ready(url: str) -> None:
 
 
 def part_goodput(model: Path, logs: Path, rates: list[float], duration: float, ttft_slo: float,
-                 itl_slo: float) -> dict:
-    lengths = trace_lengths(str(TRACE), 8192)
-    out: dict = {"trace": TRACE.name, "ttft_slo_s": ttft_slo, "itl_slo_s": itl_slo, "duration_s": duration}
+                 itl_slo: float, trace: Path) -> dict:
+    lengths = trace_lengths(str(trace), 8192)
+    out: dict = {"trace": trace.name, "ttft_slo_s": ttft_slo, "itl_slo_s": itl_slo, "duration_s": duration}
     setups = {
         "1 prefill + 1 decode": lambda: (
-            [worker("prefill", model, logs, *ENGINE, "--device", "cuda:0", name="gp")],
-            ["--policy", "transfer_aware", "--no-reject", "--no-local-prefill-by-cost", "--kv-transport", "nccl"]),
+            [worker("prefill", model, logs, *ENGINE, "--device", DEVICES[0], name="gp")],
+            ["--policy", "transfer_aware", "--no-reject", "--no-local-prefill-by-cost", "--kv-transport",
+             TRANSPORT_NAME]),
         "2 colocated": lambda: ([], ["--policy", "least_loaded"]),
     }
     for name, make in setups.items():
         prefills, router_args = make()
         peers = ["--prefill-peers", prefills[0].address] if prefills else []
-        devices = ["cuda:1"] if prefills else ["cuda:0", "cuda:1"]
+        devices = DEVICES[1:] if prefills else DEVICES
         decodes = [worker("decode", model, logs, *ENGINE, "--device", dev, *peers, name=f"gd{i}")
                    for i, dev in enumerate(devices)]
         workers = f"prefill={','.join(p.address for p in prefills)};decode={','.join(d.address for d in decodes)}"
@@ -142,18 +154,26 @@ def main() -> None:
     parser.add_argument("--ttft-slo", type=float, default=0.5)
     parser.add_argument("--itl-slo", type=float, default=0.05)
     parser.add_argument("--json")
+    parser.add_argument("--trace", type=Path, default=TRACE, help="Azure conversation CSV (or Mooncake JSONL)")
+    parser.add_argument("--dry-run", action="store_true", help="a small model on the CPU (checks the wiring)")
+    parser.add_argument("--lengths", default="1024,4096,16384", help="TTFT prompt lengths")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    model = write_config(tmp / "llama3-8b")
+    overrides = None
+    if args.dry_run:
+        dry_run()
+        overrides = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 32}
+    model = write_config(tmp / "llama3-8b", overrides)
     from engine.demo_model import write_demo_tokenizer
 
     write_demo_tokenizer(model, 128256, 131072)  # the router needs a tokenizer covering the model's vocabulary
     result: dict = {"date": time.strftime("%Y-%m-%d")}
     if args.part in ("ttft", "all"):
-        result["ttft"] = part_ttft(model, tmp, args.repeats)
+        result["ttft"] = part_ttft(model, tmp, args.repeats, [int(n) for n in args.lengths.split(",")])
     if args.part in ("goodput", "all"):
         result["goodput"] = part_goodput(model, tmp, [float(r) for r in args.rates.split(",")], args.duration,
-                                         args.ttft_slo, args.itl_slo)
+                                         args.ttft_slo, args.itl_slo, args.trace)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

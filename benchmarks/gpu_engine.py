@@ -150,6 +150,10 @@ def main() -> None:
     print(f"copy {result['copy_bandwidth_tb_s']:.2f} TB/s, bf16 matmul {result['bf16_matmul_tflop_s']:.0f} TFLOP/s",
           flush=True)
     model_dir = write_config(Path(tempfile.mkdtemp()) / "llama3-8b")
+    context = 1024
+    hf = transformers_decode(model_dir, context, 32)  # first: it must not compete with the engine for memory
+    result["transformers_decode_ms_batch1"] = hf * 1e3
+    print(f"transformers generate, batch 1: {hf * 1e3:.2f} ms/token", flush=True)
     core = EngineCore(EngineConfig(model=str(model_dir), dtype="bfloat16", load_format="dummy", device="cuda",
                                    max_num_batched_tokens=8192, max_num_requests=128, max_model_len=16384,
                                    max_graph_batch_size=128))
@@ -160,7 +164,6 @@ def main() -> None:
     result["weights_gb"] = weights / 1e9
     result["attention_backend"] = core.runner.backend.name
     result["decode"] = []
-    context = 1024
     for batch in (1, 8, 32, 128):
         step, _ = decode_steps(core, batch, context, args.steps, seed=batch)
         kv_read = batch * (context + args.steps // 2) * kv_per_token
@@ -168,21 +171,26 @@ def main() -> None:
         row = {"batch": batch, "context": context, "step_ms": step * 1e3, "roofline_ms": roofline * 1e3,
                "vs_roofline": step / roofline, "tokens_per_s": batch / step}
         result["decode"].append(row)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"decode batch {batch:3d}: {row['step_ms']:.2f} ms/step, roofline {row['roofline_ms']:.2f} ms "
               f"({row['vs_roofline']:.2f}x), {row['tokens_per_s']:.0f} tok/s", flush=True)
-    # graph vs eager: the same greedy tokens
+    # graph vs eager: in bf16 a padded graph batch tiles its matmuls differently from an exact eager batch,
+    # so this is the share of identical greedy tokens (tests/gpu checks exact identity in fp32)
     _, graph_tokens = decode_steps(core, 8, 256, 16, seed=99)
     graphs, core.runner.graphs = core.runner.graphs, None
     _, eager_tokens = decode_steps(core, 8, 256, 16, seed=99)
     core.runner.graphs = graphs
-    result["graph_equals_eager"] = graph_tokens == eager_tokens
-    print(f"graph decode tokens == eager decode tokens: {result['graph_equals_eager']}", flush=True)
+    same = sum(a == b for ga, ea in zip(graph_tokens, eager_tokens) for a, b in zip(ga, ea))
+    result["graph_eager_same_token_share_bf16"] = same / sum(len(g) for g in graph_tokens)
+    print(f"graph vs eager decode, bf16: {result['graph_eager_same_token_share_bf16']:.2f} of tokens identical",
+          flush=True)
     # prefill throughput and MFU
     layer_params = weights / 2 - mc.vocab_size * mc.hidden_size * 2  # matmul weights of the layers
     result["prefill"] = []
     for lengths in ([8192], [1024] * 8):
-        prefill(core, [512], seed=7)  # warm
-        seconds = prefill(core, lengths, seed=len(lengths))
+        prefill(core, [512], seed=1000 + len(lengths))  # warm (fresh tokens: nothing may hit the prefix cache)
+        seconds = prefill(core, lengths, seed=2000 + len(lengths))
         tokens = sum(lengths)
         flops = 2 * layer_params * tokens + sum(2 * mc.num_layers * n * n * mc.q_size for n in lengths)
         flops += 2 * mc.vocab_size * mc.hidden_size * len(lengths)
@@ -192,10 +200,6 @@ def main() -> None:
         result["prefill"].append(row)
         print(f"prefill {row['shape']}: {row['tokens_per_s']:.0f} tok/s, {row['tflop_s']:.0f} TFLOP/s "
               f"(MFU {row['mfu_vs_measured_matmul']:.2f} of the measured matmul rate)", flush=True)
-    del core
-    torch.cuda.empty_cache()
-    hf = transformers_decode(model_dir, context, 32)
-    result["transformers_decode_ms_batch1"] = hf * 1e3
     first = result["decode"][0]
     result["speedup_vs_transformers_batch1"] = hf * 1e3 / first["step_ms"]
     print(f"transformers generate, batch 1: {hf * 1e3:.2f} ms/token; engine {first['step_ms']:.2f} ms "

@@ -55,7 +55,9 @@ class DecodeGraphs:
         self._host_tables = torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=True)
         self._host_lens = torch.zeros(n, dtype=torch.int32, pin_memory=True)
         self._host_slots = torch.full((n,), -1, dtype=torch.int64, pin_memory=True)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # per size: the graph, its logits output, and the attention metadata whose scratch buffers the graph
+        # writes into (it must live as long as the graph)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
         self._pool = None
 
     @torch.inference_mode()
@@ -76,7 +78,7 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = self.model.compute_logits(self.model(ids, pos, ctx))
-            self._graphs[size] = (graph, logits)
+            self._graphs[size] = (graph, logits, metadata)
         torch.cuda.synchronize()
         logger.info("captured %d decode graphs (batch %d..%d) in %.1fs", len(self._graphs), self.sizes[0],
                     self.max_batch, time.perf_counter() - start)
@@ -106,6 +108,6 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(self._host_lens[:size], non_blocking=True)
         self.slot_mapping[:size].copy_(self._host_slots[:size], non_blocking=True)
         self.block_tables[:size].copy_(self._host_tables[:size], non_blocking=True)
-        graph, logits = self._graphs[size]
+        graph, logits, _ = self._graphs[size]
         graph.replay()
         return logits[:b]
