@@ -157,9 +157,14 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, default=TRACE, help="Azure conversation CSV (or Mooncake JSONL)")
     parser.add_argument("--dry-run", action="store_true", help="a small model on the CPU (checks the wiring)")
     parser.add_argument("--lengths", default="1024,4096,16384", help="TTFT prompt lengths")
+    parser.add_argument("--transport", default="nccl", choices=["nccl", "grpc"], help="KV transport")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     overrides = None
+    global TRANSPORT, TRANSPORT_NAME
+    TRANSPORT, TRANSPORT_NAME = {"nccl": (pb.KV_TRANSPORT_NCCL, "nccl"), "grpc": (pb.KV_TRANSPORT_GRPC, "grpc")}[
+        args.transport]
+    result_transport = args.transport
     if args.dry_run:
         dry_run()
         overrides = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -168,7 +173,7 @@ def main() -> None:
     from engine.demo_model import write_demo_tokenizer
 
     write_demo_tokenizer(model, 128256, 131072)  # the router needs a tokenizer covering the model's vocabulary
-    result: dict = {"date": time.strftime("%Y-%m-%d")}
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "kv_transport": result_transport}
     if args.part in ("ttft", "all"):
         result["ttft"] = part_ttft(model, tmp, args.repeats, [int(n) for n in args.lengths.split(",")])
     if args.part in ("goodput", "all"):

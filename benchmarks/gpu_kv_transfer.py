@@ -42,6 +42,7 @@ from kvtransfer.transport import open_sink
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 32, 256, 16, 8, 128
 DTYPE = torch.bfloat16
 MAX_MESSAGE = 1 << 30
+TIMEOUT_S = 120.0
 TOTAL_BYTES = LAYERS * 2 * BLOCKS * BLOCK_SIZE * HEADS * DIM * 2
 
 
@@ -108,7 +109,7 @@ async def run_transport(address: str, transport: int, repeats: int, device: str)
         result = await consumer.fetch(
             address=address, transport=transport, num_streams=1, request_id=f"t{transport}-{i}",
             prompt_token_ids=[1] * (BLOCKS * BLOCK_SIZE), sampling=sampling_to_proto(SamplingParams()),
-            block_ids=list(range(BLOCKS)), num_cached_tokens=0, timeout_s=120)
+            block_ids=list(range(BLOCKS)), num_cached_tokens=0, timeout_s=TIMEOUT_S)
         if i:
             times.append(result.seconds)
     expected = make_cache(0, device)
@@ -173,16 +174,25 @@ def main() -> None:
     parser.add_argument("--dist-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
+    parser.add_argument("--timeout", type=float, default=120)
+    parser.add_argument("--dump-stacks-after", type=float, help="print every thread's stack after this many s")
     args = parser.parse_args()
+    if args.dump_stacks_after:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.dump_stacks_after, exit=False)
     if args.serve:
         asyncio.run(serve(args.serve))
         return
+    global TIMEOUT_S
+    TIMEOUT_S = args.timeout
     if args.dist_rank is not None:
         dist_rank(args.dist_rank, args.dist_port, args.repeats)
         return
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
-    server = subprocess.Popen([sys.executable, __file__, "--serve", "cuda:0"], stdout=subprocess.PIPE, text=True,
-                              env=env)
+    extra = ["--dump-stacks-after", str(args.dump_stacks_after)] if args.dump_stacks_after else []
+    server = subprocess.Popen([sys.executable, __file__, "--serve", "cuda:0", *extra], stdout=subprocess.PIPE,
+                              text=True, env=env)
     try:
         address = server.stdout.readline().split()[1]
 

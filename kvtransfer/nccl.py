@@ -44,28 +44,39 @@ MAX_CHANNELS_PER_PEER = 4
 KEY_BYTES = 16
 
 
-def _uid_bytes(uid: tuple[int, ...]) -> bytes:
-    return bytes(b % 256 for b in uid)
+def _uid_bytes(uid: bytes | tuple[int, ...]) -> bytes:
+    """The 128-byte NCCL unique id (cupy returns bytes in recent versions, a tuple of ints in older ones)."""
+    return uid if isinstance(uid, bytes) else bytes(b % 256 for b in uid)
 
 
-def _uid_tuple(raw: bytes) -> tuple[int, ...]:
-    return tuple(b - 256 if b > 127 else b for b in raw)
+def _communicator(nccl, uid: bytes, rank: int):
+    try:
+        return nccl.NcclCommunicator(2, uid, rank)
+    except TypeError:  # an older cupy wants the id as a tuple of signed chars
+        return nccl.NcclCommunicator(2, tuple(b - 256 if b > 127 else b for b in uid), rank)
 
 
 class Channel:
     """A two-rank NCCL communicator with this process as ``rank``; construction blocks until the peer joins."""
 
-    def __init__(self, key: str, uid: tuple[int, ...], rank: int, device: torch.device) -> None:
+    def __init__(self, key: str, uid: bytes, rank: int, device: torch.device) -> None:
         import cupy
         from cupy.cuda import nccl
 
         self._nccl = nccl
         self._cupy_device = cupy.cuda.Device(device.index if device.index is not None else 0)
         with self._cupy_device:
-            self.comm = nccl.NcclCommunicator(2, uid, rank)
+            self.comm = _communicator(nccl, uid, rank)
         self.key, self.rank, self.device = key, rank, device
         self.stream = torch.cuda.Stream(device)
         self.broken = False
+        # NCCL connects a peer pair lazily, at its first send/recv, and that call blocks the host until the peer
+        # makes its own. Do it here, where both sides are waiting anyway, so a transfer's sends never block
+        # before their headers have told the consumer to receive.
+        probe = torch.zeros(1, dtype=torch.int32, device=device)
+        with torch.cuda.stream(self.stream):
+            (self.send if rank == 0 else self.recv)(probe)
+        self.stream.synchronize()
 
     def send(self, tensor: torch.Tensor) -> None:
         with self._cupy_device:
@@ -101,6 +112,7 @@ class NcclSink:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self._ids: dict[tuple[int, ...], torch.Tensor] = {}  # a step sends the same blocks of every layer
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event, list[tuple[int, int]]]] = []
 
     def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]) -> bytes:
         key = tuple(src_block_ids)
@@ -112,18 +124,24 @@ class NcclSink:
         staging = layer_cache.index_select(1, ids)
         ready = torch.cuda.Event()
         ready.record()
-        stream = self.channel.stream
-        stream.wait_event(ready)
-        offset = 0
-        with torch.cuda.stream(stream):  # one send per contiguous run of the consumer's blocks, K then V
-            for start, end in contiguous_runs(list(header.block_ids)):
-                n = end - start
-                self.channel.send(staging[0, offset:offset + n])
-                self.channel.send(staging[1, offset:offset + n])
-                offset += n
-        staging.record_stream(stream)
+        self._pending.append((staging, ready, contiguous_runs(list(header.block_ids))))
         header.payload_bytes = staging.numel() * staging.element_size()
         return encode_header(header)
+
+    def flush(self) -> None:
+        """Issue the sends of the chunks emitted so far (the producer calls it once their headers are queued)."""
+        stream = self.channel.stream
+        for staging, ready, runs in self._pending:
+            stream.wait_event(ready)
+            offset = 0
+            with torch.cuda.stream(stream):  # one send per contiguous run of the consumer's blocks, K then V
+                for start, end in runs:
+                    n = end - start
+                    self.channel.send(staging[0, offset:offset + n])
+                    self.channel.send(staging[1, offset:offset + n])
+                    offset += n
+            staging.record_stream(stream)
+        self._pending.clear()
 
     def close(self, completed: bool = True) -> None:
         if not completed:  # the consumer may be gone mid-transfer: this channel's order is lost
@@ -142,7 +160,7 @@ async def open_nccl_sink(params: bytes, device: torch.device) -> NcclSink:
         return NcclSink(channel)
     if kind != b"N" or len(params) != 1 + KEY_BYTES + 128:
         raise InvalidRequestError("malformed NCCL transport parameters", field="transport_params")
-    uid = _uid_tuple(params[1 + KEY_BYTES:])
+    uid = params[1 + KEY_BYTES:]
     try:
         async with asyncio.timeout(INIT_TIMEOUT_S):
             channel = await asyncio.to_thread(Channel, key, uid, 0, device)
@@ -186,9 +204,9 @@ class NcclSource:
         else:
             from cupy.cuda import nccl
 
-            uid = nccl.get_unique_id()
+            uid = _uid_bytes(nccl.get_unique_id())
             key = secrets.token_hex(KEY_BYTES // 2)
-            self._params = b"N" + key.encode() + _uid_bytes(uid)
+            self._params = b"N" + key.encode() + uid
             self._channel = _init_pool.submit(Channel, key, uid, 1, device)
 
     def transport_params(self) -> bytes:
