@@ -5,7 +5,8 @@ a prompt that is short or mostly cached here, it is computed locally by
 design. Otherwise the request enters the engine as REMOTE_KV: the engine
 reserves its blocks, and the reservation starts a :class:`KVConsumer` fetch
 from the named prefill worker, which must be one of this worker's configured
-peers (an address from a request is never dialled otherwise). A fetch that
+peers (an address from a request is never dialled otherwise: an unknown one
+is prefilled here, with fallback reason ``unknown_peer``). A fetch that
 fails in any way (refused, unreachable, timed out, broken, corrupt,
 incomplete) is counted and the request is prefilled here instead; the client
 sees the same tokens either way.
@@ -31,7 +32,6 @@ from common.errors import (
     InvalidRequestError,
     KVTransferError,
     PdserveError,
-    PermissionDeniedError,
     UnavailableError,
 )
 from common.metrics import (
@@ -44,6 +44,7 @@ from common.metrics import (
 from common.rpc import worker_pb2 as pb
 from common.rpc import worker_pb2_grpc as pb_grpc
 from common.rpc_convert import prompt_from_proto, sampling_from_proto
+from common.tls import TlsConfig
 from engine.async_engine import AsyncEngine
 from engine.output import RequestOutput
 from engine.request import RequestMode
@@ -83,7 +84,8 @@ def to_response(out: RequestOutput) -> pb.GenerateResponse:
 
 
 class DecodeWorker(pb_grpc.DecodeServiceServicer):
-    def __init__(self, engine: AsyncEngine, config: WorkerConfig, *, instance_id: str, model: str) -> None:
+    def __init__(self, engine: AsyncEngine, config: WorkerConfig, *, instance_id: str, model: str,
+                 tls: TlsConfig | None = None) -> None:
         self.engine = engine
         self.config = config
         self.instance_id = instance_id
@@ -96,10 +98,11 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
 
             self.registry = RedisDiscovery(config.redis_url)
         self.consumer = KVConsumer(engine.core.runner.kv_caches, consumer_id=instance_id,
-                                   max_message_bytes=config.max_message_mib * 2**20)
+                                   max_message_bytes=config.max_message_mib * 2**20, tls=tls)
         self._remote: dict[str, _RemotePlan] = {}
         self._num_streams = 0
         self._labels = {"model": model, "role": "decode", "instance": instance_id}
+        metrics.init_decode_series(model, instance_id)
         engine.on_reservation = self._on_reservation
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -144,8 +147,14 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
             info.mode = pb.PrefillInfo.MODE_LOCAL
             return RequestMode.COLOCATED, info
         if not self.is_peer(target.address):
-            raise PermissionDeniedError(f"{target.address!r} is not a known prefill worker",
-                                        field="prefill.address")
+            # never dialled (the address comes from a request); the prompt is computed here instead, so a
+            # router whose view of the pools is ahead of this worker's (a fresh role flip) costs no request
+            logger.warning("%r is not a known prefill worker; prefilling %s locally", target.address,
+                           request.request_id)
+            LOCAL_PREFILL_FALLBACKS.labels(self.model, self.instance_id, "unknown_peer").inc()
+            info.mode = pb.PrefillInfo.MODE_FALLBACK
+            info.fallback_reason = "unknown_peer"
+            return RequestMode.COLOCATED, info
         transport = target.transport or TRANSPORTS[self.config.kv_transport]
         supported = SUPPORTED_TRANSPORTS | ({pb.KV_TRANSPORT_NCCL} if self.engine.core.device.type == "cuda" else set())
         if transport not in supported:
@@ -183,7 +192,8 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
         self._num_streams += 1
         try:
             mode, info = await self._plan(request, prompt)
-            stream = self.engine.generate(rid, prompt, sampling, mode=mode)
+            stream = self.engine.generate(rid, prompt, sampling, mode=mode,
+                                          predicted_output_tokens=request.predicted_output_tokens)
             start = time.monotonic()
             first_at = None
             try:
@@ -244,6 +254,8 @@ class DecodeWorker(pb_grpc.DecodeServiceServicer):
             reason, error = "stream_broken", e
         else:
             plan.info.kv_transfer_s = result.seconds
+            plan.info.prefill_queue_s = result.prefill_queue_s
+            plan.info.prefill_compute_s = result.prefill_compute_s
             plan.info.num_cached_tokens = reservation.num_cached_tokens
             KV_TRANSFERS.labels(**self._labels, outcome="completed").inc()
             KV_TRANSFER_BYTES.labels(**self._labels).inc(result.num_bytes)

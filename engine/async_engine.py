@@ -93,12 +93,14 @@ class AsyncEngine:
         return await future
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, *,
-                       mode: RequestMode = RequestMode.COLOCATED) -> AsyncIterator[RequestOutput]:
+                       mode: RequestMode = RequestMode.COLOCATED, predicted_output_tokens: int = 0
+                       ) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its outputs until it finishes; leaving early aborts it."""
         stream = _Stream(asyncio.Queue())
         self._streams[request_id] = stream
         try:
-            await self.call(lambda: self.core.add_request(request_id, prompt_token_ids, sampling, mode=mode))
+            await self.call(lambda: self.core.add_request(request_id, prompt_token_ids, sampling, mode=mode,
+                                                          predicted_output_tokens=predicted_output_tokens))
         except BaseException:
             self._streams.pop(request_id, None)
             raise

@@ -144,14 +144,15 @@ class EngineCore:
             raise InvalidRequestError("stop strings need a tokenizer in the model directory", field="stop")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, *,
-                    mode: RequestMode = RequestMode.COLOCATED, arrival_time: float | None = None) -> None:
+                    mode: RequestMode = RequestMode.COLOCATED, arrival_time: float | None = None,
+                    predicted_output_tokens: int = 0) -> None:
         self.validate(request_id, prompt_token_ids, sampling)
         generator = None
         if sampling.seed is not None and not sampling.greedy:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sampling.seed)
         request = Request(request_id, list(prompt_token_ids), sampling, self.eos_token_ids, self.max_model_len,
-                          mode=mode, generator=generator)
+                          mode=mode, generator=generator, predicted_output_tokens=max(0, predicted_output_tokens))
         if arrival_time is not None:
             request.arrival_time = arrival_time
         self.outputs.add(request)

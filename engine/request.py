@@ -87,6 +87,7 @@ class Request:
     generator: torch.Generator | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_token_time: float | None = None
+    predicted_output_tokens: int = 0  # the router's prediction (0: none); read by length-aware batch policies
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

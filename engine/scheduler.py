@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.batch_policy import BatchPolicy, BatchSnapshot, WaitingRequest
+from common.batch_policy import BatchPolicy, BatchSnapshot, RunningRequest, WaitingRequest
 from common.config import EngineConfig
 from common.sampling import SamplingParams
 from engine.kv_cache_manager import KVCacheManager
@@ -144,14 +144,18 @@ class Scheduler:
 
     def _snapshot(self) -> BatchSnapshot:
         waiting: tuple[WaitingRequest, ...] = ()
+        running: tuple[RunningRequest, ...] = ()
         if self.policy.needs_waiting:
             waiting = tuple(WaitingRequest(r.request_id, r.num_prompt_tokens, r.sampling.max_tokens,
-                                           r.arrival_time) for r in self.waiting)
+                                           r.arrival_time, r.predicted_output_tokens, len(r.output_token_ids))
+                            for r in self.waiting)
+            running = tuple(RunningRequest(r.request_id, r.num_tokens, _remaining(r))
+                            for r in (*self.running, *self.awaiting_kv))
         return BatchSnapshot(
             num_running=len(self.running) + len(self.awaiting_kv),
             num_free_blocks=self.kv.num_free_blocks, num_total_blocks=self.kv.num_blocks,
             block_size=self.kv.block_size, max_num_requests=self.config.max_num_requests,
-            recent_step_times_s=self.recent_step_times(), waiting=waiting)
+            recent_step_times_s=self.recent_step_times(), waiting=waiting, running=running)
 
     def record_step_time(self, seconds: float) -> None:
         self._step_times.append(seconds)
@@ -277,3 +281,12 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+
+def _remaining(request: Request) -> int:
+    """Output tokens a running request is expected still to generate: by the prediction, else the cap."""
+    done = len(request.output_token_ids)
+    cap = request.sampling.max_tokens - done
+    if request.predicted_output_tokens > done:
+        return min(cap, request.predicted_output_tokens - done)
+    return max(0, cap) if request.predicted_output_tokens == 0 else min(cap, 1)

@@ -31,6 +31,7 @@ import torch
 
 from common.errors import KVTransferError, PdserveError
 from common.rpc import worker_pb2 as pb
+from common.tls import TlsConfig, aio_channel
 from engine.request import TokenLogprobs
 from kvtransfer.codec import decode_message
 from kvtransfer.layout import KVLayout
@@ -51,6 +52,8 @@ class TransferResult:
     num_bytes: int
     seconds: float
     num_prefill_cached_tokens: int
+    prefill_queue_s: float = 0.0  # of ``seconds``, as the prefill worker measured them
+    prefill_compute_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -80,7 +83,8 @@ def _rpc_code(error: grpc.aio.AioRpcError) -> str:
 
 class KVConsumer:
     def __init__(self, kv_caches: list[torch.Tensor], *, consumer_id: str, max_message_bytes: int,
-                 num_threads: int = 2) -> None:
+                 num_threads: int = 2, tls: TlsConfig | None = None) -> None:
+        self.tls = tls or TlsConfig()
         self.kv_caches = kv_caches
         self.layout = KVLayout.of_cache(kv_caches)
         self.consumer_id = consumer_id
@@ -92,7 +96,7 @@ class KVConsumer:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            channel = self._channels[address] = aio_channel(address, self.tls, self._options)
         return channel
 
     async def close(self) -> None:
@@ -152,7 +156,7 @@ class KVConsumer:
             lp = done.first_logprob
             logprobs = TokenLogprobs(lp.token_id, lp.logprob, list(lp.top_ids), list(lp.top_logprobs))
         return TransferResult(done.first_token_id, logprobs, state.num_chunks, state.num_bytes,
-                              time.monotonic() - start, done.num_prefill_cached_tokens)
+                              time.monotonic() - start, done.num_prefill_cached_tokens, done.queue_s, done.compute_s)
 
     async def _drain(self, call: grpc.aio.UnaryStreamCall, state: _State) -> None:
         # Up to APPLY_AHEAD chunks are applied while the next ones are read: awaiting each copy before

@@ -56,6 +56,7 @@ class ProducerTransfer:
     failed: bool = False  # a sink error on the engine thread; close() follows on the loop
     error: Exception | None = None  # why the worker ended it, for the caller's status
     opened_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None  # the first engine step that computes part of the prompt
     lease: asyncio.TimerHandle | None = None
     handler_tasks: set[asyncio.Task] = field(default_factory=set)
     streams_done: set[int] = field(default_factory=set)
@@ -112,8 +113,11 @@ class KVProducer:
         if transfer is None or transfer.closed:
             return
         transfer.prefilled = True
+        now = time.monotonic()
+        scheduled = transfer.scheduled_at if transfer.scheduled_at is not None else now  # nothing to compute
         done = pb.PrefillDone(request_id=request_id, first_token_id=first_token_id, num_chunks=transfer.sequence,
-                              num_prefill_cached_tokens=num_prefill_cached_tokens)
+                              num_prefill_cached_tokens=num_prefill_cached_tokens,
+                              queue_s=max(0.0, scheduled - transfer.opened_at), compute_s=max(0.0, now - scheduled))
         if logprobs is not None:
             done.first_logprob.CopyFrom(pb.TokenLogprob(
                 token_id=logprobs.token_id, logprob=logprobs.logprob, top_ids=logprobs.top_ids,
@@ -201,6 +205,8 @@ class KVProducer:
                 t = self.transfers.get(s.request_id)
                 if t is None or t.closed:
                     continue
+                if t.scheduled_at is None:
+                    t.scheduled_at = time.monotonic()
                 end = s.start_pos + len(s.token_ids)
                 send_to = -(-t.num_prompt_tokens // bs) if end >= t.num_prompt_tokens else end // bs
                 if send_to <= t.next_block:

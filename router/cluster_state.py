@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.cost_model import CostModel
-from router.links import LinkTable, TransferSample, observe_transfer
+from router.links import LinkTable, TransferSample, link_time_from_visible, observe_transfer
 from router.prefix_index import KVEventBatch, PrefixIndex
 from router.snapshot import (
     DECODE,
@@ -249,9 +249,15 @@ class ClusterState:
         self._pools = None
 
     def on_prefill_done(self, request_id: str, now: float, *, num_decode_cached_tokens: int | None = None,
-                        kv_transfer_s: float | None = None) -> None:
+                        kv_transfer_s: float | None = None, prefill_queue_s: float = 0.0,
+                        prefill_compute_s: float = 0.0) -> None:
         """Called on the request's first token (``PrefillInfo``): the prompt no longer loads its prefill
-        instance; a remote transfer's time teaches the link table."""
+        instance; a remote transfer's time teaches the link table.
+
+        ``kv_transfer_s`` runs from the decode worker's request to the last KV landing, so it holds
+        the prefill worker's queue and compute too; what the link table learns is the link time
+        that, under the cost model's overlap, leaves the part the transfer added on top of them
+        (:func:`router.links.link_time_from_visible`)."""
         entry = self._requests.get(request_id)
         if entry is None:
             return
@@ -262,8 +268,10 @@ class ClusterState:
             self._pools = None
         if kv_transfer_s and num_decode_cached_tokens is not None and entry.prefill_id != entry.decode_id:
             num_bytes = (entry.num_prompt_tokens - num_decode_cached_tokens) * self.kv_bytes_per_token
+            visible = max(0.0, kv_transfer_s - prefill_queue_s - prefill_compute_s)
+            link_s = link_time_from_visible(visible, prefill_compute_s, self.cost.transfer_overlap)
             self.links = observe_transfer(self.links, entry.prefill_id, entry.decode_id,
-                                          TransferSample(num_bytes, kv_transfer_s), alpha=self.link_alpha)
+                                          TransferSample(num_bytes, link_s), alpha=self.link_alpha)
 
     def on_tokens(self, request_id: str, num_new_tokens: int) -> None:
         """Called as output tokens stream back (batch them: once per response message is plenty)."""

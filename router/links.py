@@ -112,6 +112,20 @@ class LinkTable:
         return cls(default, links)
 
 
+def link_time_from_visible(visible_s: float, compute_s: float, overlap: float) -> float:
+    """The link time ``t`` for which the cost model's visible transfer ``t - overlap * min(compute, t)``
+    equals ``visible_s``: the inverse of ``CostModel.visible_transfer_time`` for one observed transfer.
+
+    ``visible_s`` is what the transfer added to the prefill (all KV landed minus the prefill
+    worker's queue and compute), ``compute_s`` the prefill's compute time.
+    """
+    visible_s, compute_s = max(0.0, visible_s), max(0.0, compute_s)
+    longer = visible_s + overlap * compute_s  # the branch where the link outlasts the compute
+    if longer >= compute_s or overlap >= 1:
+        return longer
+    return visible_s / (1.0 - overlap)
+
+
 def observe_transfer(table: LinkTable, src: str, dst: str, sample: TransferSample, *, alpha: float = 0.2,
                      min_bytes: int = 1 << 20) -> LinkTable:
     """The table after one observed transfer ``src -> dst``: an EWMA of the link's time per byte.

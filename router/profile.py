@@ -27,12 +27,11 @@ import statistics
 import sys
 import time
 
-import grpc
-
 from common.rpc import worker_pb2 as pb
 from common.rpc import worker_pb2_grpc as pb_grpc
 from common.rpc_convert import sampling_to_proto
 from common.sampling import SamplingParams
+from common.tls import add_tls_args, aio_channel, load_tls
 from router.cost_model import DecodeSample, PrefillSample, fit_cost_model, fit_r2
 from router.links import TransferSample
 
@@ -120,13 +119,16 @@ class Profiler:
                 if info.mode != pb.PrefillInfo.MODE_REMOTE:
                     raise RuntimeError(f"the decode worker did not pull KV remotely ({info}); is "
                                        f"{self.prefill_address} one of its --prefill-peers?")
-                visible.append(max(1e-6, info.kv_transfer_s - prefill_model.prefill_time(n, 0)))
+                # what the transfer added to the prefill: the worker reports its queue and compute time
+                prefill_s = (info.prefill_queue_s + info.prefill_compute_s if info.prefill_compute_s > 0
+                             else prefill_model.prefill_time(n, 0))
+                visible.append(max(1e-6, info.kv_transfer_s - prefill_s))
             samples.append(TransferSample(num_bytes=n * kv_bytes_per_token, seconds=statistics.median(visible)))
         return samples
 
 
 async def profile(args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.decode_worker) as channel:
+    async with aio_channel(args.decode_worker, load_tls(args)) as channel:
         health = await pb_grpc.WorkerAdminStub(channel).Health(pb.HealthRequest(), timeout=10)
         if health.role != "decode":
             print(f"error: {args.decode_worker} is a {health.role} worker; profile a decode worker",
@@ -166,6 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=2048)
     parser.add_argument("--max-batch-log2", type=int, default=5, help="largest decode batch is 2**this")
     parser.add_argument("--repeats", type=int, default=3)
+    add_tls_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:

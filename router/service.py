@@ -181,6 +181,7 @@ class Router:
         matcher = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output) if sampling.stop else None
         exclude: set[str] = set()
         queued_at = time.monotonic()
+        finished = False  # ran to its end: only such outputs teach the length predictor
         try:
             for attempt in range(self.limits.max_migrations + 1):
                 attempt_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"
@@ -195,12 +196,14 @@ class Router:
                 started = [False]
                 try:
                     async for delta in self._stream(attempt_id, continuation, dataclasses.replace(
-                            sampling, max_tokens=remaining), decision, detok, matcher, output, queued_at):
+                            sampling, max_tokens=remaining), decision, detok, matcher, output, queued_at,
+                            routing_request.predicted_output_tokens):
                         if not started[0]:
                             started[0] = True
                             await self._share_routed(routing_request, decision, -1)
                         yield delta
                         if delta.finish_reason is not None:
+                            finished = True
                             return
                     return
                 except (_WorkerGone, grpc.aio.AioRpcError) as e:
@@ -217,16 +220,18 @@ class Router:
             raise UnavailableError(f"decode workers failed {self.limits.max_migrations + 1} times")
         finally:
             self.num_active -= 1
-            self.predictor.observe(features, len(output))
+            if finished:  # not rejected, failed or cut off by the client: those lengths say nothing
+                self.predictor.observe(features, len(output))
 
     async def _stream(self, attempt_id: str, prompt: list[int], sampling: SamplingParams, decision: RoutingDecision,
                       detok: IncrementalDetokenizer, matcher: StopStringMatcher | None, output: list[int],
-                      queued_at: float) -> AsyncIterator[Delta]:
+                      queued_at: float, predicted_output_tokens: int = 0) -> AsyncIterator[Delta]:
         client = self.pool.get(decision.decode_id)
         if client is None:
             raise _WorkerGone(f"{decision.decode_id} left")
         request = pb.GenerateRequest(request_id=attempt_id, prompt_token_ids=prompt,
-                                     sampling=sampling_to_proto(sampling))
+                                     sampling=sampling_to_proto(sampling),
+                                     predicted_output_tokens=predicted_output_tokens)
         if decision.prefill_id is not None:
             request.prefill.address = self.pool.address(decision.prefill_id)
             request.prefill.transport = self.limits.kv_transport
@@ -242,7 +247,9 @@ class Router:
                     remote = info.mode == pb.PrefillInfo.MODE_REMOTE
                     self.state.on_prefill_done(attempt_id, time.monotonic(),
                                                num_decode_cached_tokens=info.num_cached_tokens,
-                                               kv_transfer_s=info.kv_transfer_s if remote else None)
+                                               kv_transfer_s=info.kv_transfer_s if remote else None,
+                                               prefill_queue_s=info.prefill_queue_s,
+                                               prefill_compute_s=info.prefill_compute_s)
                     first = False
                 output.extend(msg.token_ids)
                 self.state.on_tokens(attempt_id, len(msg.token_ids))

@@ -145,20 +145,24 @@ class KVChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[KVChunkHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class PrefillDone(_message.Message):
-    __slots__ = ("request_id", "first_token_id", "first_logprob", "num_chunks", "num_prefill_cached_tokens", "checksum")
+    __slots__ = ("request_id", "first_token_id", "first_logprob", "num_chunks", "num_prefill_cached_tokens", "queue_s", "compute_s", "checksum")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREFILL_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token_id: int
     first_logprob: TokenLogprob
     num_chunks: int
     num_prefill_cached_tokens: int
+    queue_s: float
+    compute_s: float
     checksum: int
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., num_chunks: _Optional[int] = ..., num_prefill_cached_tokens: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., num_chunks: _Optional[int] = ..., num_prefill_cached_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class PrefillTarget(_message.Message):
     __slots__ = ("address", "transport", "num_streams")
@@ -171,16 +175,18 @@ class PrefillTarget(_message.Message):
     def __init__(self, address: _Optional[str] = ..., transport: _Optional[_Union[KVTransport, str]] = ..., num_streams: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill", "predicted_output_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     prefill: PrefillTarget
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PrefillTarget, _Mapping]] = ...) -> None: ...
+    predicted_output_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PrefillTarget, _Mapping]] = ..., predicted_output_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finished", "finish_reason", "stop_token_id", "stop_string", "prefill_info")
@@ -205,7 +211,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., stop_string: _Optional[str] = ..., prefill_info: _Optional[_Union[PrefillInfo, _Mapping]] = ...) -> None: ...
 
 class PrefillInfo(_message.Message):
-    __slots__ = ("mode", "num_prompt_tokens", "num_cached_tokens", "prefill_worker", "kv_transfer_s", "fallback_reason")
+    __slots__ = ("mode", "num_prompt_tokens", "num_cached_tokens", "prefill_worker", "kv_transfer_s", "fallback_reason", "prefill_queue_s", "prefill_compute_s")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         MODE_UNSPECIFIED: _ClassVar[PrefillInfo.Mode]
@@ -222,13 +228,17 @@ class PrefillInfo(_message.Message):
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     mode: PrefillInfo.Mode
     num_prompt_tokens: int
     num_cached_tokens: int
     prefill_worker: str
     kv_transfer_s: float
     fallback_reason: str
-    def __init__(self, mode: _Optional[_Union[PrefillInfo.Mode, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., kv_transfer_s: _Optional[float] = ..., fallback_reason: _Optional[str] = ...) -> None: ...
+    prefill_queue_s: float
+    prefill_compute_s: float
+    def __init__(self, mode: _Optional[_Union[PrefillInfo.Mode, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., kv_transfer_s: _Optional[float] = ..., fallback_reason: _Optional[str] = ..., prefill_queue_s: _Optional[float] = ..., prefill_compute_s: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -6,6 +6,7 @@ import pytest
 
 from common.rpc import worker_pb2 as pb
 from router.cluster_state import ClusterState, LoadReport
+from router.cost_model import CostModel
 from router.policy import route
 from router.prefix_index import KVEventBatch
 from router.snapshot import RoutingDecision, RoutingRequest
@@ -98,3 +99,35 @@ def test_instances_join_snapshots_with_their_first_report():
     assert (d1.address, d1.block_size) == ("10.0.0.7:50051", BS)  # a report without a block size: the cluster's
     s.apply_load_report(LoadReport("x", "colocated"), 1.0)  # not a role the router routes to
     assert "x" not in by_id(s.snapshot_for(req, 1.0))
+
+
+def test_the_link_learns_only_what_the_transfer_added_to_the_prefill():
+    """kv_transfer_s includes the prefill worker's queue and compute; charging them to the link would
+    teach it a bandwidth far below the real one."""
+    s = state()
+    req = RoutingRequest("r1", 1000, block_hashes=(), predicted_output_tokens=10)
+    s.on_routed(req, RoutingDecision("r1", "test", decode_id="d0", prefill_id="p0", num_cached_tokens=0), 1.0)
+    before = s.links.get("p0", "d0")
+    expected_s = before.transfer_time(1000 * s.kv_bytes_per_token)
+    # 3 s queued, 2 s computing, then exactly the time the link should take: nothing to learn
+    s.on_prefill_done("r1", 7.0, num_decode_cached_tokens=0, kv_transfer_s=3.0 + 2.0 + expected_s,
+                      prefill_queue_s=3.0, prefill_compute_s=2.0)
+    assert s.links.get("p0", "d0").bandwidth_gbps == pytest.approx(before.bandwidth_gbps, rel=1e-6)
+    # the same transfer reported without the breakdown reads as a link 2500x too slow
+    s.on_routed(RoutingRequest("r2", 1000, block_hashes=(), predicted_output_tokens=10),
+                RoutingDecision("r2", "test", decode_id="d0", prefill_id="p0", num_cached_tokens=0), 8.0)
+    s.on_prefill_done("r2", 14.0, num_decode_cached_tokens=0, kv_transfer_s=3.0 + 2.0 + expected_s)
+    assert s.links.get("p0", "d0").bandwidth_gbps < before.bandwidth_gbps / 2
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("compute_s", [0.0, 0.05, 1.0])
+@pytest.mark.parametrize("link_s", [0.01, 0.2, 3.0])
+def test_link_time_from_visible_inverts_the_cost_models_overlap(overlap, compute_s, link_s):
+    from router.links import link_time_from_visible
+
+    cost = CostModel(transfer_overlap=overlap)
+    visible = cost.visible_transfer_time(compute_s, link_s)
+    if visible <= 0:
+        return  # hidden entirely behind compute: nothing to learn, observe_transfer skips it
+    assert link_time_from_visible(visible, compute_s, overlap) == pytest.approx(link_s, rel=1e-9)
