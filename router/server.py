@@ -25,11 +25,12 @@ from common.config import RouterConfig
 from common.errors import ConfigError, PdserveError
 from common.rpc import api_pb2_grpc as api_grpc
 from common.rpc import worker_pb2 as pb
+from common.tls import TlsConfig
 from common.tokenizer import Tokenizer
 from router.auth import ApiKeys
 from router.cluster_state import ClusterState
 from router.cost_model import CostModel
-from router.discovery import Discovery, KubernetesDiscovery, RedisDiscovery, StaticDiscovery, parse_static
+from router.discovery import Discovery, FileDiscovery, RedisDiscovery, StaticDiscovery, parse_static
 from router.grpc_api import CompletionsService
 from router.http_api import ApiSettings, create_app
 from router.length_predictor import PrefixHistoryPredictor
@@ -72,8 +73,23 @@ def make_discovery(config: RouterConfig) -> Discovery:
         return StaticDiscovery(parse_static(config.workers))
     if config.discovery == "redis":
         return RedisDiscovery(config.redis_url)
-    return KubernetesDiscovery(config.k8s_namespace or None, prefill_selector=config.k8s_prefill_selector,
+    if config.discovery == "file":
+        return FileDiscovery(config.workers_file)
+    from router.discovery_k8s import KubernetesDiscovery
+
+    return KubernetesDiscovery(config.k8s_namespace or pod_namespace(), prefill_selector=config.k8s_prefill_selector,
                                decode_selector=config.k8s_decode_selector, port_name=config.k8s_port_name)
+
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def pod_namespace() -> str:
+    """The namespace of the pod this runs in (its service account says), for Kubernetes discovery."""
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    except OSError as e:
+        raise ConfigError("not running in a pod: set it explicitly", field="k8s_namespace") from e
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -83,7 +99,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int = 16) -> None:
+async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int = 16,
+                tls: TlsConfig | None = None) -> None:
     tokenizer = Tokenizer.from_dir(config.model)
     shape = ModelShape.from_dir(config.model)
     max_model_len = min(config.max_model_len or shape.max_position_embeddings, shape.max_position_embeddings)
@@ -95,7 +112,7 @@ async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int
         logger.warning("no --cost-model: using %s (%s); run `pdserve profile` against your workers",
                        DEFAULT_COST_MODEL.name, cost.source)
     state = ClusterState(cost=cost, block_size=block_size, kv_bytes_per_token=shape.kv_bytes_per_token)
-    pool = WorkerPool(state, load_interval_ms=config.load_interval_ms)
+    pool = WorkerPool(state, load_interval_ms=config.load_interval_ms, tls=tls)
     discovery = make_discovery(config)
     discovery.on_change(pool.update)
     await discovery.start()
@@ -161,9 +178,9 @@ async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int
         await shared.stop()
 
 
-def run(config: RouterConfig, routing: RoutingConfig) -> int:
+def run(config: RouterConfig, routing: RoutingConfig, tls: TlsConfig | None = None) -> int:
     try:
-        asyncio.run(serve(config, routing))
+        asyncio.run(serve(config, routing, tls=tls))
     except PdserveError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

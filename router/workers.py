@@ -22,6 +22,7 @@ import grpc
 
 from common.rpc import worker_pb2 as pb
 from common.rpc import worker_pb2_grpc as pb_grpc
+from common.tls import TlsConfig, aio_channel
 from router.cluster_state import ClusterState, LoadReport
 from router.discovery import WorkerEndpoint
 from router.prefix_index import KVEventBatch
@@ -33,9 +34,9 @@ HEALTHY_WITHIN_S = 3.0
 
 
 class WorkerClient:
-    def __init__(self, endpoint: WorkerEndpoint, *, options: list[tuple[str, int]]) -> None:
+    def __init__(self, endpoint: WorkerEndpoint, *, options: list[tuple[str, int]], tls: TlsConfig) -> None:
         self.endpoint = endpoint
-        self.channel = grpc.aio.insecure_channel(endpoint.address, options=options)
+        self.channel = aio_channel(endpoint.address, tls, options)
         self.decode = pb_grpc.DecodeServiceStub(self.channel)
         self.admin = pb_grpc.WorkerAdminStub(self.channel)
         self.last_report_at = 0.0
@@ -59,8 +60,9 @@ class WorkerClient:
 
 class WorkerPool:
     def __init__(self, state: ClusterState, *, load_interval_ms: int = 100, max_message_bytes: int = 64 << 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tls: TlsConfig | None = None) -> None:
         self.state = state
+        self.tls = tls or TlsConfig()
         self.load_interval_ms = load_interval_ms
         self.clock = clock
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
@@ -81,7 +83,7 @@ class WorkerPool:
                 self._add(endpoint)
 
     def _add(self, endpoint: WorkerEndpoint) -> None:
-        client = WorkerClient(endpoint, options=self._options)
+        client = WorkerClient(endpoint, options=self._options, tls=self.tls)
         self.clients[endpoint.instance_id] = client
         self.state.register(endpoint.instance_id, endpoint.role, endpoint.address)
         client.tasks = [asyncio.create_task(self._load_loop(client)),

@@ -20,13 +20,16 @@ import grpc
 
 from common.config import EngineConfig, WorkerConfig
 from common.errors import PdserveError
+from common.tls import TlsConfig, add_port
 from engine.async_engine import AsyncEngine
 from engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
 
-async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerConfig) -> None:
+async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerConfig, tls: TlsConfig | None = None
+                ) -> None:
+    tls = tls or TlsConfig()
     from common.rpc import worker_pb2_grpc as pb_grpc
     from decode_worker.service import DecodeWorker
     from prefill_worker.service import PrefillWorker
@@ -41,14 +44,14 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_bytes),
                                       ("grpc.max_send_message_length", max_bytes),
                                       ("grpc.so_reuseport", 0)])
-    port = server.add_insecure_port(worker_config.address)
+    port = add_port(server, worker_config.address, tls)
     address = worker_config.advertise_address or f"{worker_config.host}:{port}"
     instance_id = worker_config.instance_id or address
     model_name = Path(engine_config.model).name
     # both roles live in every worker; the gate says which one takes new work (role flips need no restart)
     gate = RoleGate(role)
     prefill = PrefillWorker(engine, worker_config, instance_id=instance_id, model=model_name)
-    decode = DecodeWorker(engine, worker_config, instance_id=instance_id, model=model_name)
+    decode = DecodeWorker(engine, worker_config, instance_id=instance_id, model=model_name, tls=tls)
     services: dict[str, Any] = {"prefill": prefill, "decode": decode}
     registration = None
 
@@ -103,9 +106,9 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
     await engine.stop()
 
 
-def run(role: str, engine_config: EngineConfig, worker_config: WorkerConfig) -> int:
+def run(role: str, engine_config: EngineConfig, worker_config: WorkerConfig, tls: TlsConfig | None = None) -> int:
     try:
-        asyncio.run(serve(role, engine_config, worker_config))
+        asyncio.run(serve(role, engine_config, worker_config, tls))
     except PdserveError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
