@@ -58,7 +58,9 @@ def _cmd_router(args: argparse.Namespace) -> int:
         from engine.demo_model import ensure_demo_model
 
         args.model = str(ensure_demo_model())
-    return run(build_config(RouterConfig, args), build_config(RoutingConfig, args))
+    from common.tls import load_tls
+
+    return run(build_config(RouterConfig, args), build_config(RoutingConfig, args), load_tls(args))
 
 
 def _worker_handler(role: str) -> Handler:
@@ -70,7 +72,9 @@ def _worker_handler(role: str) -> Handler:
             from engine.demo_model import ensure_demo_model
 
             args.model = str(ensure_demo_model())
-        return run(role, build_config(EngineConfig, args), build_config(WorkerConfig, args))
+        from common.tls import load_tls
+
+        return run(role, build_config(EngineConfig, args), build_config(WorkerConfig, args), load_tls(args))
     return handle
 
 
@@ -97,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_generate)
 
     from common.config import RouterConfig, WorkerConfig
+    from common.tls import add_tls_args
 
     p = sub.add_parser("router", help="serve the OpenAI-compatible API and route to workers")
     add_config_args(p, RouterConfig, skip=("api_keys",))
     from router.routing_config import RoutingConfig
 
     add_config_args(p, RoutingConfig)
+    add_tls_args(p)
     p.set_defaults(handler=_cmd_router)
 
     from router import profile
@@ -110,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="measure running workers and fit the router's cost model (JSON)")
     profile.add_arguments(p)
     p.set_defaults(handler=profile.run)
+
+    from autoscaler import cli as autoscaler_cli
+
+    p = sub.add_parser("autoscaler", help="size the prefill and decode pools from Prometheus signals")
+    autoscaler_cli.add_arguments(p)
+    p.set_defaults(handler=autoscaler_cli.run)
+
+    from simulator import cli as simulator_cli
+
+    p = sub.add_parser("simulate", help="replay a trace through the routing and scaling policies, simulated")
+    simulator_cli.add_arguments(p)
+    p.set_defaults(handler=simulator_cli.run)
 
     from cli import up
 
@@ -121,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(f"{role}-worker", help=f"serve an engine in the {role} role over gRPC")
         add_config_args(p, EngineConfig)
         add_config_args(p, WorkerConfig)
+        add_tls_args(p)
         p.set_defaults(handler=_worker_handler(role))
     return parser
 
@@ -129,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line per request
     try:
         return args.handler(args)
     except PdserveError as e:

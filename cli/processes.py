@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -82,3 +83,69 @@ def pdserve(args: list[str], log_path: Path, **kwargs) -> Proc:
 def worker(role: str, model_dir: Path, log_dir: Path, *extra: str, name: str | None = None) -> Proc:
     return pdserve([f"{role}-worker", "--model", str(model_dir), "--port", "0", *extra],
                    log_dir / f"{name or role}.log")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A third-party server (Prometheus, Redis) run as a child process on a loopback port.
+
+    Subclasses give ``name``, ``command()`` and ``ready()``; ``start()`` runs the command with its
+    output in ``log_path`` and waits for ``ready()``; ``stop()`` sends SIGTERM (so the server
+    shuts down cleanly), then SIGKILL; ``restart()`` brings it back on the same port.
+    """
+
+    name = "server"
+
+    def __init__(self, workdir: Path, log_path: Path, binary: str) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self.binary = binary
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        assert self.proc is None, "already running"
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if self.proc.poll() is not None:
+                code, self.proc = self.proc.returncode, None
+                raise RuntimeError(f"{self.name} exited with {code}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        self.stop()
+        self.start(timeout_s)
+
+    def log_tail(self, n: int = 20) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

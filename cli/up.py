@@ -6,6 +6,13 @@ them all, on the demo model unless ``--model`` is given (created on first
 use). Prints one line, with the URL, once the router's ``/ready`` answers 200.
 Ctrl-C or SIGTERM stops every process, router first so in-flight requests
 finish; if any process dies on its own, the others are stopped too.
+
+With ``--autoscale`` the workers belong to the autoscaler's local actuator,
+which starts, stops and flips them; the router follows a workers file the
+actuator rewrites on every change, and a local Prometheus (the ``prometheus``
+binary, or ``--prometheus-url``) scrapes router and workers for the
+autoscaler to read. Autoscaler flags (``--gpu-budget``, ``--ttft-slo-s``,
+``--interval-s``, ...) are accepted here as well.
 """
 
 from __future__ import annotations
@@ -37,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra flag for every worker, e.g. --worker-arg=--num-blocks=2048 (repeatable)")
     parser.add_argument("--router-arg", action="append", default=[], help="extra flag for the router (repeatable)")
     parser.add_argument("--log-dir", help="where process logs go (default: a new temporary directory)")
+    parser.add_argument("--autoscale", action="store_true",
+                        help="let the autoscaler size and flip the pools (needs Prometheus: see --prometheus-url)")
+    from autoscaler.config import AutoscalerConfig, SizingConfig
+    from common.config import add_config_args
+
+    add_config_args(parser, AutoscalerConfig, skip=("actuator",))
+    add_config_args(parser, SizingConfig)
 
 
 def _wait_ready(url: str, procs: list[Proc], timeout: float = 120.0) -> None:
@@ -66,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdserve-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     logger.info("logs in %s", log_dir)
+    if args.autoscale:
+        from cli.up_autoscale import run_autoscaled
+
+        return run_autoscaled(args, log_dir)
     procs: list[Proc] = []
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

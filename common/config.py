@@ -186,7 +186,7 @@ class WorkerConfig:
         return f"{self.host}:{self.port}"
 
 
-DISCOVERY_KINDS = ("static", "redis", "kubernetes")
+DISCOVERY_KINDS = ("static", "redis", "kubernetes", "file")
 
 
 @dataclass(frozen=True)
@@ -220,9 +220,11 @@ class RouterConfig:
     request_timeout_s: float = 600.0
     """Deadline of one request on a decode worker."""
     discovery: str = "static"
-    """Where workers come from: static, redis or kubernetes."""
+    """Where workers come from: static, redis, kubernetes or file."""
     workers: str = ""
     """Static discovery: 'prefill=host:port,...;decode=host:port,...'."""
+    workers_file: str = ""
+    """File discovery: a JSON list of {instance_id, role, address}, re-read when it changes."""
     redis_url: str = ""
     """Redis for discovery (redis) and for state shared between router replicas."""
     router_id: str = ""

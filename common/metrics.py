@@ -25,10 +25,11 @@ LOCAL_PREFILLS = Counter(
     "pdserve_decode_local_prefills_total",
     "Prompts a decode worker prefilled itself by design (reason: no_target, short, cached)",
     ("model", "instance", "reason"))
+FALLBACK_REASONS = ("timeout", "unavailable", "refused", "stream_broken", "checksum", "incomplete", "unknown_peer")
 LOCAL_PREFILL_FALLBACKS = Counter(
     "pdserve_decode_local_prefill_fallbacks_total",
     "Remote prefills that failed and were recomputed locally (reason: timeout, unavailable, refused, "
-    "stream_broken, checksum, incomplete)",
+    "stream_broken, checksum, incomplete, unknown_peer)",
     ("model", "instance", "reason"))
 
 # --- router ------------------------------------------------------------------------------------
@@ -93,3 +94,74 @@ REQUEST_PHASE = Histogram(
     "Time a request spends in each phase: router_queue (arrival to dispatch, router), prefill (arrival at the "
     "decode worker to its first token), kv_transfer (the KV fetch), decode (first token to the last)",
     ("model", "instance", "phase"), buckets=PHASE_BUCKETS)
+
+# --- autoscaler ---------------------------------------------------------------------------------
+# role is prefill or decode; signal is a ScalingSignals field name
+
+AUTOSCALER_DESIRED_REPLICAS = Gauge(
+    "pdserve_autoscaler_desired_replicas", "Replicas the last decision wants, by role", ("role",))
+AUTOSCALER_ACTUAL_REPLICAS = Gauge(
+    "pdserve_autoscaler_actual_replicas", "Replicas the actuator reports (what it was asked to run), by role",
+    ("role",))
+AUTOSCALER_DEMAND_REPLICAS = Gauge(
+    "pdserve_autoscaler_demand_replicas",
+    "Fractional replicas the predicted load needs before hysteresis, bounds and budget, by role", ("role",))
+AUTOSCALER_SLO_CORRECTION = Gauge(
+    "pdserve_autoscaler_slo_correction_ratio", "Reactive SLO-drift correction of a role's demand (1 = none)",
+    ("role",))
+AUTOSCALER_REPLICA_CAPACITY = Gauge(
+    "pdserve_autoscaler_replica_capacity",
+    "One replica's capacity at the SLO: uncached prompt tokens/s (prefill), concurrent requests (decode)",
+    ("role",))
+AUTOSCALER_OBSERVED = Gauge(
+    "pdserve_autoscaler_observed_value", "Signals as last read from Prometheus (NaN: no signal)", ("signal",))
+AUTOSCALER_PREDICTED = Gauge(
+    "pdserve_autoscaler_predicted_value", "Signals one horizon ahead, as the policy used them", ("signal",))
+AUTOSCALER_DECISIONS = Counter(
+    "pdserve_autoscaler_decisions_total", "Sizing decisions by action (hold, scale, flip) and cause",
+    ("action", "cause"))
+AUTOSCALER_ACTUATIONS = Counter(
+    "pdserve_autoscaler_actuations_total",
+    "Changes sent to the actuator by role, kind (scale_up, scale_down, flip) and outcome (ok, error, fallback)",
+    ("role", "kind", "outcome"))
+AUTOSCALER_SIGNAL_ERRORS = Counter(
+    "pdserve_autoscaler_signal_errors_total", "Intervals without a usable signal (the sizes were held)",
+    ("reason",))
+# labelled by actuator so that only a running autoscaler exports them (an unlabelled gauge would appear,
+# at 0, in every process that imports this module)
+AUTOSCALER_ADVISORY = Gauge(
+    "pdserve_autoscaler_advisory", "1 when the autoscaler only reports (advisory mode)", ("actuator",))
+AUTOSCALER_LAST_DECISION = Gauge(
+    "pdserve_autoscaler_last_decision_timestamp_seconds", "When the last decision was made (seconds since the epoch)",
+    ("actuator",))
+
+
+# --- series that must exist before their first event -------------------------------------------------
+# A counter child created by its first inc() starts at 1, so rate() and increase() never count that
+# event: the first rejection, migration or fallback of a process would be invisible to every panel
+# and alert. Processes create the children they may increment, at 0, when they start.
+
+API_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+API_STATUSES = ("200", "400", "401", "404", "413", "429", "500", "503")
+REJECTION_REASONS = ("concurrency", "ttft_slo", "tbt_slo", "kv_capacity", "no_instances")
+
+
+def api_endpoint(path: str) -> str:
+    """The ``endpoint`` label of a request path: one of API_ENDPOINTS or ``other`` (bounded cardinality)."""
+    return path if path in API_ENDPOINTS else "other"
+
+
+def init_router_series(model: str, instance: str) -> None:
+    for endpoint in API_ENDPOINTS:
+        for status in API_STATUSES:
+            ROUTER_REQUESTS.labels(model, instance, endpoint, status)
+    for reason in REJECTION_REASONS:
+        ROUTER_REJECTIONS.labels(model, instance, reason)
+    ROUTER_MIGRATIONS.labels(model, instance)
+
+
+def init_decode_series(model: str, instance: str) -> None:
+    for outcome in ("completed", "failed"):
+        KV_TRANSFERS.labels(model, "decode", instance, outcome)
+    for reason in FALLBACK_REASONS:
+        LOCAL_PREFILL_FALLBACKS.labels(model, instance, reason)

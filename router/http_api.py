@@ -100,6 +100,7 @@ def create_app(router: Router, tokenizer: Tokenizer, settings: ApiSettings, *, k
     """``ready()`` answers the readiness probe; worker gauges are read from ``router.pool`` at scrape time."""
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
     labels = {"model": settings.served_model_name, "instance": settings.instance}
+    metrics.init_router_series(settings.served_model_name, settings.instance)
 
     @app.exception_handler(PdserveError)
     async def _pdserve_error(request: Request, error: PdserveError) -> JSONResponse:
@@ -121,7 +122,7 @@ def create_app(router: Router, tokenizer: Tokenizer, settings: ApiSettings, *, k
     async def _count(request: Request, call_next: Callable) -> Response:
         response = await call_next(request)
         if request.url.path.startswith("/v1/"):
-            metrics.ROUTER_REQUESTS.labels(**labels, endpoint=request.url.path,
+            metrics.ROUTER_REQUESTS.labels(**labels, endpoint=metrics.api_endpoint(request.url.path),
                                            status=str(response.status_code)).inc()
         return response
 
@@ -184,7 +185,9 @@ def create_app(router: Router, tokenizer: Tokenizer, settings: ApiSettings, *, k
         if req.stream:
             return StreamingResponse(_sse(req, response_id, choices, prompt_tokens, arrival),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        last_token_at = {c.index: arrival for c in choices}
         async for c, delta in interleave(choices):
+            _observe_itl(c, delta, last_token_at)
             c.text.append(delta.text)
             c.num_tokens += len(delta.token_ids)
             c.logprobs.extend(delta.logprobs)
@@ -195,6 +198,13 @@ def create_app(router: Router, tokenizer: Tokenizer, settings: ApiSettings, *, k
         return JSONResponse(oai.response_object(req.kind, response_id, settings.served_model_name,
                                                 [_final_choice(req, c) for c in choices],
                                                 oai.usage(prompt_tokens, completion_tokens)))
+
+    def _observe_itl(c: Choice, delta: Delta, last_token_at: dict[int, float]) -> None:
+        """Inter-token latency of a choice's tokens after its first (streamed or not: the service's speed)."""
+        now = time.monotonic()
+        if delta.token_ids and c.num_tokens:
+            metrics.ROUTER_ITL.labels(**labels).observe((now - last_token_at[c.index]) / len(delta.token_ids))
+        last_token_at[c.index] = now
 
     def _final_choice(req: oai.CompletionRequest, c: Choice) -> dict[str, Any]:
         text = "".join(c.text)
@@ -237,10 +247,7 @@ def create_app(router: Router, tokenizer: Tokenizer, settings: ApiSettings, *, k
                 for c in choices]))
         try:
             async for c, delta in interleave(choices):
-                now = time.monotonic()
-                if delta.token_ids and c.num_tokens:
-                    metrics.ROUTER_ITL.labels(**labels).observe((now - last_token_at[c.index]) / len(delta.token_ids))
-                last_token_at[c.index] = now
+                _observe_itl(c, delta, last_token_at)
                 c.num_tokens += len(delta.token_ids)
                 yield _event(oai.chunk_object(req.kind, response_id, model, created,
                                               [_chunk_choice(req, c, delta, offsets[c.index])]))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from dataclasses import dataclass, field
 
 import grpc
 
+from cli.processes import free_port  # noqa: F401 (re-exported for tests)
 from common.rpc import worker_pb2 as pb
 from common.rpc import worker_pb2_grpc as pb_grpc
 from common.rpc_convert import sampling_to_proto
@@ -69,12 +69,6 @@ def wait_idle(address: str, timeout: float = 10.0) -> pb.LoadReport:
         if idle or time.monotonic() > deadline:
             return report
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> str:

@@ -12,64 +12,32 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cli.processes import ServerProcess
+
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class RedisServer(ServerProcess):
+    name = "redis-server"
 
-
-class RedisServer:
     def __init__(self, workdir: Path, binary: str = REDIS_SERVER) -> None:
-        self.workdir = workdir
-        self.binary = binary
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(workdir, Path(workdir) / "redis.log", binary)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> None:
-        assert self.proc is None, "already running"
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 (the process holds it)
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while not self.ping():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"redis-server not answering after {timeout_s}s:\n{self.log_tail()}")
-            time.sleep(0.01)
+    def command(self) -> list[str]:
+        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.workdir)]
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+    def ready(self) -> bool:
+        return self.ping()
 
     def ping(self) -> bool:
         try:
@@ -83,10 +51,6 @@ class RedisServer:
         import redis
 
         return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
-
-    def log_tail(self, n: int = 20) -> str:
-        path = self.workdir / "redis.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
 
 
 @pytest.fixture(name="redis_server")

@@ -23,15 +23,14 @@ import pytest
 
 from common.errors import ConfigError
 from router.discovery import (
-    KubernetesDiscovery,
     RedisDiscovery,
     StaticDiscovery,
     WorkerEndpoint,
-    endpoints_from_slice,
     parse_static,
     registry_entry_key,
     registry_index_key,
 )
+from router.discovery_k8s import KubernetesDiscovery, endpoints_from_slice
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 from worker.registration import RedisRegistration
 

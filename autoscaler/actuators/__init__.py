@@ -1,0 +1,1 @@
+"""Backends that change the pool sizes; the interface is ``base.Actuator``."""
