@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)
 HEALTHY_WITHIN_S = 3.0
+# A worker that leaves discovery is normally draining (scale-down, rollout): the calls already on its
+# channel get this long to finish before the channel is closed under them. Closing at once would cancel
+# them mid-stream, and a cancelled call cannot be told apart from a cancelled client.
+REMOVE_GRACE_S = 120.0
 
 
 class WorkerClient:
@@ -51,11 +55,12 @@ class WorkerClient:
     def healthy(self) -> bool:
         return time.monotonic() - self.last_report_at < HEALTHY_WITHIN_S
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float | None = None) -> None:
+        """Stop the load/event streams; calls in flight get ``grace_s`` to finish (None: cancelled now)."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.channel.close()
+        await self.channel.close(grace=grace_s)
 
 
 class WorkerPool:
@@ -68,6 +73,7 @@ class WorkerPool:
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
                          ("grpc.max_send_message_length", max_message_bytes)]
         self.clients: dict[str, WorkerClient] = {}
+        self._leaving: dict[asyncio.Task, WorkerClient] = {}  # removed, channel closing after its grace
 
     def update(self, endpoints: list[WorkerEndpoint]) -> None:
         wanted = {e.instance_id: e for e in endpoints}
@@ -93,8 +99,10 @@ class WorkerPool:
     def _remove(self, instance_id: str) -> None:
         client = self.clients.pop(instance_id)
         self.state.unregister(instance_id)
-        asyncio.create_task(client.close())
-        logger.info("worker %s removed", instance_id)
+        task = asyncio.create_task(client.close(REMOVE_GRACE_S))
+        self._leaving[task] = client
+        task.add_done_callback(lambda t: self._leaving.pop(t, None))
+        logger.info("worker %s removed (calls in flight on it may finish)", instance_id)
 
     def _set_role(self, client: WorkerClient, role: str) -> None:
         logger.info("worker %s is now %s (was %s)", client.instance_id, role, client.role)
@@ -112,7 +120,11 @@ class WorkerPool:
 
     async def close(self) -> None:
         clients, self.clients = list(self.clients.values()), {}
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        leaving, self._leaving = dict(self._leaving), {}
+        for task in leaving:
+            task.cancel()
+        await asyncio.gather(*(c.close() for c in clients), *(c.channel.close() for c in leaving.values()),
+                             return_exceptions=True)
 
     async def _load_loop(self, client: WorkerClient) -> None:
         attempt = 0

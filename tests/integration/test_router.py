@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -303,4 +304,49 @@ def test_decode_worker_killed_mid_stream(model_dir, reference, tmp_path):
         assert metric_value(metrics, "pdserve_router_migrations_total") == 1
     finally:
         for p in (router, prefill, *decodes):
+            p.stop()
+
+
+def test_decode_worker_leaving_discovery_finishes_its_streams(model_dir, reference, tmp_path):
+    """Scale-down: the worker leaves discovery, then drains. Streams on it end normally, not cut off."""
+    from router.discovery import WorkerEndpoint, write_workers_file
+
+    prefill = worker("prefill", model_dir, tmp_path, *WORKER)
+    decodes = [worker("decode", model_dir, tmp_path, *WORKER, "--prefill-peers", prefill.address, name=f"d{i}")
+               for i in range(2)]
+    procs = {"p": prefill, "d0": decodes[0], "d1": decodes[1]}
+    roles = {"p": "prefill", "d0": "decode", "d1": "decode"}
+    workers_file = tmp_path / "workers.json"
+
+    def publish(names: list[str]) -> None:
+        write_workers_file(workers_file, [WorkerEndpoint(procs[n].address, roles[n], procs[n].address)
+                                          for n in names])
+
+    publish(["p", "d0", "d1"])
+    router = pdserve(["router", "--model", str(model_dir), "--port", "0", "--discovery", "file", "--workers-file",
+                      str(workers_file)], tmp_path / "router.log")
+    try:
+        wait_ready(router.address)
+        prompt = "A worker that leaves keeps serving what it holds"
+        want = reference(prompt, 200, ignore_eos=True).text
+        text, left = [], []
+        stream = openai.OpenAI(base_url=f"{router.address}/v1", api_key="none", max_retries=0).completions.create(
+            model="model", prompt=prompt, max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        for n, chunk in enumerate(stream):
+            text.append(chunk.choices[0].text)
+            if n == 20:
+                busy = next(name for name in ("d0", "d1") if load(procs[name].address).num_running > 0)
+                publish([name for name in procs if name != busy])  # the router forgets it ...
+                time.sleep(1.5)  # ... (file discovery polls every 0.5 s) before it drains
+                procs[busy].proc.send_signal(signal.SIGTERM)
+                left.append(busy)
+        assert left and "".join(text) == want
+        assert procs[left[0]].proc.wait(30) == 0  # drained, not killed
+        metrics = httpx.get(f"{router.address}/metrics").text
+        assert metric_value(metrics, "pdserve_router_migrations_total") == 0
+        # new requests go to the one that stayed
+        client = openai.OpenAI(base_url=f"{router.address}/v1", api_key="none", max_retries=0)
+        assert client.completions.create(model="model", prompt=prompt, max_tokens=8).choices[0].text
+    finally:
+        for p in (router, *procs.values()):
             p.stop()
