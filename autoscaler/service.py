@@ -185,9 +185,11 @@ class Autoscaler:
         logger.info("%sdecision %s (%s): %s", mode, decision.action, decision.cause, decision.reason)
         if self.config.advisory or decision.action == HOLD:
             reached = current
+            done_at = now
         else:
             reached = await self.apply(decision, current)
-        self.planner.settle(state, decision, now, reached)
+            done_at = self.clock()  # cooldowns run from when the change took effect: a flip drains first
+        self.planner.settle(state, decision, done_at, reached)
         return decision
 
     async def apply(self, decision: ScalingDecision, current: dict[str, int]) -> dict[str, int]:

@@ -106,4 +106,12 @@ async def _main(args: argparse.Namespace, log_dir: Path) -> int:
 
 
 def run_autoscaled(args: argparse.Namespace, log_dir: Path) -> int:
-    return asyncio.run(_main(args, log_dir))
+    # the decisions are what one reads afterwards: keep them beside the router's and workers' logs
+    handler = logging.FileHandler(log_dir / "autoscaler.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        return asyncio.run(_main(args, log_dir))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()

@@ -68,8 +68,10 @@ ROUTER_WORKERS = Gauge(
 
 # --- workers (engine state, sampled from load snapshots) ----------------------------------------
 
-WORKER_RUNNING = Gauge("pdserve_worker_num_requests_running", "Requests in the running batch (or receiving KV)",
-                       WORKER_LABELS)
+WORKER_RUNNING = Gauge("pdserve_worker_num_requests_running", "Requests in the running batch", WORKER_LABELS)
+WORKER_AWAITING_KV = Gauge("pdserve_worker_num_requests_awaiting_kv",
+                           "Requests holding blocks while their KV arrives from a prefill worker (decode role)",
+                           WORKER_LABELS)
 WORKER_WAITING = Gauge("pdserve_worker_num_requests_waiting", "Requests waiting to be scheduled", WORKER_LABELS)
 WORKER_KV_USAGE = Gauge("pdserve_worker_kv_cache_usage_ratio",
                         "Fraction of KV blocks held by requests (evictable prefix-cache blocks count as free)",

@@ -18,7 +18,7 @@ from worker.roles import RoleGate
 
 logger = logging.getLogger(__name__)
 
-GAUGES = (metrics.WORKER_RUNNING, metrics.WORKER_WAITING, metrics.WORKER_KV_USAGE, metrics.WORKER_QUEUED_PREFILL,
+GAUGES = (metrics.WORKER_RUNNING, metrics.WORKER_AWAITING_KV, metrics.WORKER_WAITING, metrics.WORKER_KV_USAGE, metrics.WORKER_QUEUED_PREFILL,
           metrics.WORKER_STEP_TIME, metrics.WORKER_ROLE)
 
 
@@ -38,7 +38,9 @@ async def publish_engine_metrics(engine: AsyncEngine, gate: RoleGate, *, model: 
                 gauge.remove(model, role, instance)
         role = gate.role
         labels = {"model": model, "role": role, "instance": instance}
-        metrics.WORKER_RUNNING.labels(**labels).set(load.num_running + load.num_awaiting_kv)
+        # apart: a request awaiting its KV is prefill's demand, not decode's (the autoscaler tells them apart)
+        metrics.WORKER_RUNNING.labels(**labels).set(load.num_running)
+        metrics.WORKER_AWAITING_KV.labels(**labels).set(load.num_awaiting_kv)
         metrics.WORKER_WAITING.labels(**labels).set(load.num_waiting)
         metrics.WORKER_KV_USAGE.labels(**labels).set(1.0 - load.num_free_blocks / max(1, load.num_total_blocks))
         metrics.WORKER_QUEUED_PREFILL.labels(**labels).set(load.num_queued_prefill_tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import subprocess
 import sys
@@ -83,6 +84,36 @@ def test_flips_first_when_the_total_is_fixed():
     assert first.cause == "no_signal" and "warming up" in first.reason
     assert (second.action, second.num_flips, second.prefill, second.decode) == (FLIP, 3, 7, 1)
     assert a.calls == [("flip", "prefill")] * 3 and a.replicas == {"prefill": 7, "decode": 1}
+
+
+def test_cooldowns_run_from_when_a_slow_flip_finished():
+    """A flip drains its worker first (here 30 s); the next decision must not undo it 5 s after it landed."""
+    now = [0.0]
+
+    class SlowFlips(Actuator):
+        async def flip(self, to_role: str) -> str | None:
+            now[0] += 30.0
+            return await super().flip(to_role)
+
+    decode_heavy = ScalingSignals(time=0.0, request_rate=56.0, prompt_tokens_mean=10.0, output_tokens_mean=2000.0)
+    sizing = dataclasses.replace(SIZING, scale_up_cooldown_s=20.0, scale_down_cooldown_s=20.0, max_step=1)
+    config = AutoscalerConfig(rate_window_s=5.0, metrics_port=None, forecaster="last")
+    a = SlowFlips(4, 4)
+    autoscaler = Autoscaler(config, sizing, source=Source(PROMPT_HEAVY, PROMPT_HEAVY, decode_heavy), actuator=a,
+                            forecaster=LastValueForecaster(), cost=COST, clock=lambda: now[0])
+
+    async def at(t: float):
+        now[0] = t
+        return await autoscaler.step()
+
+    async def body():
+        return [await at(0.0), await at(10.0), await at(45.0), await at(61.0)]
+
+    warm, flip, held, back = asyncio.run(body())
+    assert warm.cause == "no_signal" and (flip.action, flip.flip_to) == (FLIP, "prefill")
+    assert held.action == "hold" and held.cause == "cooldown"  # 5 s after the flip landed at 40 s
+    assert (back.action, back.flip_to) == (FLIP, "decode")  # 21 s after: allowed
+    assert a.calls == [("flip", "prefill"), ("flip", "decode")]
 
 
 def test_without_in_place_flips_it_shrinks_before_it_grows():
