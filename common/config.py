@@ -219,6 +219,9 @@ class RouterConfig:
     """Times a request may move to another decode worker after one fails."""
     request_timeout_s: float = 600.0
     """Deadline of one request on a decode worker."""
+    keep_alive_s: float = 75.0
+    """How long an idle HTTP connection stays open. Longer than the idle timeouts of the load balancers and
+    clients in front (60 s is common), so the router never closes a connection a client is about to reuse."""
     discovery: str = "static"
     """Where workers come from: static, redis, kubernetes or file."""
     workers: str = ""
@@ -252,6 +255,7 @@ class RouterConfig:
         _check(self.max_concurrency >= 1, "max_concurrency", "must be positive")
         _check(self.max_migrations >= 0, "max_migrations", "must be >= 0")
         _check(self.request_timeout_s > 0, "request_timeout_s", "must be positive")
+        _check(self.keep_alive_s > 0, "keep_alive_s", "must be positive")
         _check(self.discovery in DISCOVERY_KINDS, "discovery", f"must be one of {DISCOVERY_KINDS}")
         _check(self.discovery != "redis" or bool(self.redis_url), "redis_url", "required with discovery=redis")
         _check(self.kv_transport in KV_TRANSPORTS, "kv_transport", f"must be one of {KV_TRANSPORTS}")

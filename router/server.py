@@ -145,7 +145,7 @@ async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int
 
     guarded = GuardMiddleware(app, keys=keys, max_body_bytes=config.max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(guarded, log_level="warning", access_log=False, lifespan="off",
-                                           timeout_graceful_shutdown=30))
+                                           timeout_graceful_shutdown=30, timeout_keep_alive=config.keep_alive_s))
     grpc_server = None
     if config.grpc_port is not None:
         grpc_server = grpc.aio.server()

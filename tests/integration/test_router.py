@@ -174,6 +174,24 @@ def test_models_and_probes(stack):
     assert "pdserve_router_time_to_first_token_seconds" in metrics.text
 
 
+def test_idle_connections_outlive_a_short_pause(stack):
+    """A client (or load balancer) reusing a connection after a few idle seconds must not find it closed."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    router, *_ = stack
+    url = urlsplit(router.address)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        for pause in (0, 6):  # uvicorn's default keep-alive is 5 s
+            time.sleep(pause)
+            conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["data"][0]["id"] == "model"
+    finally:
+        conn.close()
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
