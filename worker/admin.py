@@ -1,7 +1,10 @@
 """The WorkerAdmin service of both roles: health, drain, load reports, KV events.
 
 Load reports and KV events are what the router plans with: a report is a
-snapshot taken on the engine thread every ``interval_ms``; KV events stream
+snapshot taken on the engine thread every ``interval_ms`` (during a long
+engine step, the last snapshot is sent again, so a busy worker does not look
+dead to the router; only an engine thread stuck for ``STUCK_AFTER_S`` stops
+the reports); KV events stream
 the hashes of blocks entering and leaving the prefix cache, after a first
 batch (``reset``) holding the whole cache, so a subscriber that reconnects
 starts from the truth rather than from a diff.
@@ -27,6 +30,8 @@ from worker.roles import RoleGate, RoleSwitcher
 logger = logging.getLogger(__name__)
 
 MIN_INTERVAL_MS = 10
+FRESH_WAIT_S = 0.25  # how long a report waits for the engine thread before resending the last snapshot
+STUCK_AFTER_S = 60.0  # no fresh snapshot for this long: stop reporting (the router stops routing here)
 EVENT_QUEUE_LIMIT = 10_000  # batches; a subscriber that falls this far behind is cut off
 
 
@@ -42,6 +47,9 @@ class AdminService(pb_grpc.WorkerAdminServicer):
         self._in_flight = in_flight
         self._transfers_in_flight = transfers_in_flight
         self._subscribers: set[asyncio.Queue] = set()
+        self._snapshot: asyncio.Future | None = None  # one engine-thread snapshot in flight, shared
+        self._last_load = None
+        self._last_load_at = 0.0
         engine.on_kv_events = self._publish
 
     @property
@@ -78,8 +86,22 @@ class AdminService(pb_grpc.WorkerAdminServicer):
 
     # --- load reports ---------------------------------------------------------------------------
 
+    async def _load(self):
+        if self._snapshot is None or self._snapshot.done():
+            self._snapshot = asyncio.ensure_future(self.engine.call(self.engine.core.load))
+        snapshot = self._snapshot
+        try:
+            load = await asyncio.wait_for(asyncio.shield(snapshot), FRESH_WAIT_S)
+        except TimeoutError:  # mid-step: the last snapshot, unless the engine thread looks stuck
+            if self._last_load is None or time.monotonic() - self._last_load_at > STUCK_AFTER_S:
+                load = await snapshot
+            else:
+                return self._last_load
+        self._last_load, self._last_load_at = load, time.monotonic()
+        return load
+
     async def report(self) -> pb.LoadReport:
-        load = await self.engine.call(self.engine.core.load)
+        load = await self._load()
         return pb.LoadReport(
             instance_id=self.instance_id, role=self.role, timestamp=time.time(),
             num_running=load.num_running + load.num_awaiting_kv, num_waiting=load.num_waiting,
