@@ -167,23 +167,37 @@ def local_rule(request: RoutingRequest, cached: int, config: RoutingConfig) -> s
     return ""
 
 
+@dataclass(frozen=True, slots=True)
+class LocalPrefill:
+    """Prefilling on the decode instance itself (see :func:`local_prefill`)."""
+
+    queue_s: float
+    prefill_s: float
+    stall_s: float
+    """A decode step carrying one chunk of the prompt (0 when the instance is not decoding)."""
+    delay_s: float
+    """What the prompt's chunks add, in all, to the steps of every request decoding there."""
+    num_cached_tokens: int
+
+
 def local_prefill(decode: InstanceState, request: RoutingRequest, snapshot: ClusterSnapshot, cost: CostModel,
-                  config: RoutingConfig) -> tuple[float, float, float, int]:
-    """(queue s, prefill s, stall TBT s, cached tokens) of prefilling on the decode instance itself.
+                  config: RoutingConfig) -> LocalPrefill:
+    """Queue, prefill time, stall and delay of prefilling on the decode instance itself.
 
     The prompt runs in chunks of ``chunk_tokens`` inside the instance's decode steps: the decode
-    batch is delayed by each chunk (the stall TBT) and the prefill by each decode step.
+    batch is delayed by each chunk (the stall TBT; the delay is their sum) and the prefill by each
+    decode step.
     """
     cached = effective_cached(snapshot, decode.instance_id, request.num_prompt_tokens)
     new = request.num_prompt_tokens - cached
     queue = cost.queue_time(decode.num_queued_prefill_tokens, decode.num_waiting, config.chunk_tokens)
     step = decode_step_now(decode, cost, config)
     if decode.num_running + decode.num_inflight_requests <= 0 or step <= 0:
-        return queue, cost.prefill_time(new, cached), 0.0, cached
+        return LocalPrefill(queue, cost.prefill_time(new, cached), 0.0, 0.0, cached)
     chunks = math.ceil(new / config.chunk_tokens)
-    prefill = chunks * step + cost.prefill_marginal_time(new, cached)
+    delay = cost.prefill_marginal_time(new, cached)
     stall = step + cost.prefill_marginal_time(min(new, config.chunk_tokens), cached)
-    return queue, prefill, stall, cached
+    return LocalPrefill(queue, chunks * step + delay, stall, delay, cached)
 
 
 def transfer_bytes(request: RoutingRequest, snapshot: ClusterSnapshot, decode_id: str) -> int:
@@ -196,7 +210,8 @@ def evaluate_pair(request: RoutingRequest, snapshot: ClusterSnapshot, cost: Cost
                   prefill: InstanceState | None, decode: InstanceState) -> PairEstimate:
     """Every prediction for one option (``prefill`` None: prefill on ``decode``). The scalar reference."""
     if prefill is None:
-        queue, prefill_s, _, cached = local_prefill(decode, request, snapshot, cost, config)
+        local = local_prefill(decode, request, snapshot, cost, config)
+        queue, prefill_s, cached = local.queue_s, local.prefill_s, local.num_cached_tokens
         ttft = queue + prefill_s
         reason = local_rule(request, effective_cached(snapshot, decode.instance_id, request.num_prompt_tokens),
                             config) or ("cost" if any(not p.draining for p in snapshot.prefill) else "no_prefill")

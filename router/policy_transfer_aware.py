@@ -16,9 +16,14 @@ missing an SLO rank after every option meeting all of them (estimates.INFEASIBLE
 
 Local prefill on D is an option when the decode worker would do it anyway (its own rule:
 few uncached tokens, or mostly cached there; the remote options for D are then dropped), when there
-is no prefill instance, or, with ``local_prefill_by_cost``, when a decode step carrying one prefill
-chunk keeps TBT under ``local_prefill_tbt_slack * tbt_slo``. Local TTFT counts the decode steps
-the prompt's chunks share.
+is no prefill instance, or, with ``local_prefill_by_cost``, when it costs the requests decoding on D
+less than it saves this one: a decode step carrying one prefill chunk stays under
+``local_prefill_tbt_slack * tbt_slo`` (no TBT cost), or the TTFT it saves against the best remote
+option, in units of the TTFT SLO, exceeds the delay its chunks add to each request decoding on D,
+in units of the TBT SLO. So a decode-side cost never outweighs a larger TTFT difference: when the
+prefill pool is backed up, a prompt of a few hundred uncached tokens is not left queueing for
+seconds behind long ones to spare a busy decode batch one slower step. Local TTFT counts the
+decode steps the prompt's chunks share.
 
 Early rejection: if the best option misses an SLO and ``config.reject``, the decision is a reject
 (reason kv_capacity / tbt_slo / ttft_slo) with ``retry_after_s`` from the predicted drain time.
@@ -32,6 +37,7 @@ ClusterState reuses them until something changes): a cache, invisible in the res
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +45,7 @@ import numpy as np
 from router.cost_model import CostModel
 from router.estimates import (
     INFEASIBLE,
+    LocalPrefill,
     PairEstimate,
     calibration,
     drain_time,
@@ -52,6 +59,7 @@ from router.snapshot import (
     REJECT_TBT,
     REJECT_TTFT,
     REJECT_UNAVAILABLE,
+    SLO,
     ClusterSnapshot,
     InstanceState,
     RoutingDecision,
@@ -61,11 +69,15 @@ from router.snapshot import (
 NAME = "transfer_aware"
 
 
-def _local_allowed(est: PairEstimate, snapshot: ClusterSnapshot, config: RoutingConfig, stall_s: float,
-                   tbt_slo_s: float) -> bool:
+def _local_allowed(est: PairEstimate, local: LocalPrefill, best_remote_ttft_s: float, snapshot: ClusterSnapshot,
+                   config: RoutingConfig, slo: SLO) -> bool:
     if est.local_reason in ("short", "cached") or not any(not p.draining for p in snapshot.prefill):
         return True
-    return config.local_prefill_by_cost and stall_s <= config.local_prefill_tbt_slack * tbt_slo_s
+    if not config.local_prefill_by_cost:
+        return False
+    if local.stall_s <= config.local_prefill_tbt_slack * slo.tbt_s:
+        return True
+    return (best_remote_ttft_s - est.ttft_s) / slo.ttft_s > local.delay_s / slo.tbt_s
 
 
 def _decide(request: RoutingRequest, est: PairEstimate, decode: InstanceState, cost: CostModel,
@@ -103,13 +115,15 @@ def transfer_aware_reference(request: RoutingRequest, snapshot: ClusterSnapshot,
     decodes = [d for d in snapshot.decode if not d.draining]
     if not decodes:
         return RoutingDecision.reject(request.request_id, NAME, REJECT_UNAVAILABLE, explain="no decode instance")
+    locals_ = [evaluate_pair(request, snapshot, cost, config, None, d) for d in decodes]
+    remotes = [[evaluate_pair(request, snapshot, cost, config, p, d) for p in prefills]
+               if local.local_reason not in ("short", "cached") else [] for local, d in zip(locals_, decodes)]
+    best_remote = min((est.ttft_s for options in remotes for est in options), default=math.inf)
     best: tuple[float, PairEstimate, InstanceState] | None = None
-    for d in decodes:
-        local = evaluate_pair(request, snapshot, cost, config, None, d)
-        stall = local_prefill(d, request, snapshot, cost, config)[2]
-        options = [local] if _local_allowed(local, snapshot, config, stall, slo.tbt_s) else []
-        if local.local_reason not in ("short", "cached"):
-            options += [evaluate_pair(request, snapshot, cost, config, p, d) for p in prefills]
+    for d, local, options in zip(decodes, locals_, remotes):
+        if _local_allowed(local, local_prefill(d, request, snapshot, cost, config), best_remote, snapshot, config,
+                          slo):
+            options = [local, *options]
         for est in options:
             score = est.score(slo, config)
             if best is None or score < best[0]:
@@ -255,13 +269,10 @@ def transfer_aware(request: RoutingRequest, snapshot: ClusterSnapshot, cost: Cos
     stall = np.where(a.busy, a.step_now + cost.prefill_per_token_s * chunk
                      + cost.prefill_attn_s * chunk * (chunk + cached), 0.0)
     ttft_local = a.local_queue + np.where(a.busy, np.ceil(new / config.chunk_tokens) * a.step_now + marginal, full)
-    allowed = forced | (not a.prefills) | (config.local_prefill_by_cost
-                                            & (stall <= config.local_prefill_tbt_slack * slo.tbt_s))
-    local_scores = np.where(allowed, score(ttft_local, _tbt(a, cost, prompt, ttft_local)), np.inf)
+    delay = np.where(a.busy, marginal, 0.0)
 
-    best_local = int(np.argmin(local_scores))
-    best_score, best_p, best_d = float(local_scores[best_local]), None, best_local
-    if a.prefills:
+    best_remote, scores = math.inf, None
+    if a.prefills:  # every (prefill, decode) pair
         cached_p = _cached(snapshot, a.prefill_ids, prompt)
         new_p = prompt - cached_p
         pre = np.maximum(cost.prefill_floor_s, cost.prefill_base_s + cost.prefill_per_token_s * new_p
@@ -270,7 +281,17 @@ def transfer_aware(request: RoutingRequest, snapshot: ClusterSnapshot, cost: Cos
         transfer = lat + (new * snapshot.kv_bytes_per_token)[None, :] / (bw * 1e9)
         visible = transfer - cost.transfer_overlap * np.minimum(pre[:, None], transfer)
         ttft = (a.prefill_wait + pre)[:, None] + visible
+        if not forced.all():
+            best_remote = float(ttft[:, ~forced].min())
         scores = np.where(forced[None, :], np.inf, score(ttft, _tbt(a, cost, prompt, ttft)))
+
+    by_cost = (stall <= config.local_prefill_tbt_slack * slo.tbt_s) | (
+        (best_remote - ttft_local) / slo.ttft_s > delay / slo.tbt_s)
+    allowed = forced | (not a.prefills) | (config.local_prefill_by_cost & by_cost)
+    local_scores = np.where(allowed, score(ttft_local, _tbt(a, cost, prompt, ttft_local)), np.inf)
+    best_local = int(np.argmin(local_scores))
+    best_score, best_p, best_d = float(local_scores[best_local]), None, best_local
+    if scores is not None:
         flat = int(np.argmin(scores))
         if scores.flat[flat] < best_score:
             best_p, best_d = divmod(flat, len(a.decodes))

@@ -51,7 +51,8 @@ class RoutingConfig:
     local_prefill_by_cost: bool = True
     """transfer_aware: also prefill on the decode instance whenever that is predicted better."""
     local_prefill_tbt_slack: float = 1.0
-    """Local prefill by cost only if a decode step carrying one chunk stays under slack x TBT SLO."""
+    """Local prefill by cost if a decode step carrying one chunk stays under slack x TBT SLO, or else if the
+    TTFT it saves, in TTFT SLOs, exceeds the delay its chunks add to each decoding request, in TBT SLOs."""
     min_retry_after_s: float = 1.0
     max_retry_after_s: float = 60.0
     dynamo_overlap_weight: float = 1.0

@@ -194,6 +194,25 @@ def test_local_prefill_by_cost_needs_the_decode_batch_to_tolerate_the_stall():
     assert busy.predicted_ttft_s == pytest.approx(3.0 + 1.0 + 0.101)
 
 
+def test_a_stall_on_the_decode_batch_does_not_outweigh_a_larger_ttft_saving():
+    # A 100-token prompt behind a 5 s prefill queue: remote TTFT 5.0 + 0.1 + 0.011 s. On d0 (20 running,
+    # 0.03 s steps) one step carrying the prompt takes 0.13 s, over the 0.1 s TBT SLO, so the old rule
+    # (no step over the TBT SLO) queued it for 5 s. It delays each request decoding on d0 by 0.1 s, one
+    # TBT SLO, and saves this one 4.98 s, 2.5 TTFT SLOs: prefilled on d0.
+    busy_prefill = [prefill("p0", num_queued_prefill_tokens=5000, num_waiting=5)]
+    d = decide(snapshot(busy_prefill, [decode("d0", num_running=20)]), request(100, ttft_s=2.0), config())
+    assert d.local_prefill and d.decode_id == "d0" and "local(cost)" in d.explain
+    assert d.predicted_ttft_s == pytest.approx(0.03 + 0.1)
+    # with the prefill pool idle the saving (none) is smaller than the delay: prefilled remotely
+    idle_prefill = decide(snapshot([prefill("p0")], [decode("d0", num_running=20)]), request(100, ttft_s=2.0),
+                          config())
+    assert idle_prefill.prefill_id == "p0"
+    # a 1000-token prompt delays d0's requests by 1 s, 10 TBT SLOs, for 5.07 s (2.5 TTFT SLOs): remote
+    long = decide(snapshot(busy_prefill, [decode("d0", num_running=20)]), request(1000, ttft_s=2.0),
+                  config(reject=False))
+    assert long.prefill_id == "p0"
+
+
 def test_without_prefill_instances_everything_is_prefilled_locally():
     d = decide(snapshot([], [decode("d0", num_running=30), decode("d1", num_running=3)]), cfg=config())
     assert d.local_prefill and d.decode_id == "d1"
