@@ -70,7 +70,7 @@ class Planner:
 
     def decide(self, predicted: ScalingSignals, current: dict[str, int], now: float
                ) -> tuple[ScalingDecision, PoolState, RoleCapacity]:
-        state = (self.state or PoolState(current["prefill"], current["decode"])).with_current(current)
+        state = (self.state or self._first_state(current, now)).with_current(current)
         capacity = capacity_from_cost_model(self.cost, self.sizing, predicted.prompt_tokens_mean,
                                             predicted.output_tokens_mean, predicted.prefix_hit_rate)
         decision = decide(predicted, state, self.sizing, capacity, now)
@@ -81,6 +81,17 @@ class Planner:
                reached: dict[str, int] | None = None) -> None:
         """Record what the step did (``reached``: the replicas the actuator got to; default: all of it)."""
         self.state = state.after(decision, now, reached)
+
+    def _first_state(self, current: dict[str, int], now: float) -> PoolState:
+        """The pools as found at the first step, taken as last changed one scale-up cooldown before it.
+
+        When they last changed is unknown, and with ``-inf`` the first usable reading could shrink
+        a pool the operator sized on one rate window (during a ramp, on the low end of it). This way
+        growth is held by nothing but the warm-up, while a shrink waits the extra time the scale-down
+        cooldown asks for over the scale-up one: the evidence it wants for any other shrink.
+        """
+        since = now - self.sizing.scale_up_cooldown_s
+        return PoolState(current["prefill"], current["decode"], prefill_changed_at=since, decode_changed_at=since)
 
     def warming_up(self) -> bool:
         """Signals are usable again but have not been for a whole rate window yet."""

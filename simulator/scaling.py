@@ -50,6 +50,7 @@ class ScalingSignals:
     num_waiting: int
     """Requests queued on any serving instance."""
     num_running_decode: int
+    """Requests in the decode instances' running batches (those awaiting their KV not counted)."""
     num_waiting_decode: int
     num_queued_prefill_tokens: int
     """Prompt tokens queued or still to compute on the serving prefill instances."""

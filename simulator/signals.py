@@ -104,7 +104,8 @@ class SignalWindow:
             decode_kv_usage=float(np.mean(kv)) if kv else 0.0,
             decode_batch_usage=float(np.mean(slots)) if slots else 0.0,
             num_waiting=sum(len(i.engine.waiting) for i in pools.instances.values()),
-            num_running_decode=sum(load.num_running for load in loads),
+            # as the workers export it: requests awaiting their KV are prefill's backlog, not decoding
+            num_running_decode=sum(load.num_running - len(d.engine.awaiting) for load, d in zip(loads, decodes)),
             num_waiting_decode=sum(load.num_waiting for load in loads),
             num_queued_prefill_tokens=sum(p.engine.load(now).num_queued_prefill_tokens
                                           for p in pools.of_role(PREFILL, Lifecycle.ACTIVE)),

@@ -116,6 +116,34 @@ def test_cooldowns_run_from_when_a_slow_flip_finished():
     assert a.calls == [("flip", "prefill"), ("flip", "decode")]
 
 
+def test_a_fresh_autoscaler_grows_at_once_but_shrinks_only_after_the_scale_down_cooldown():
+    """Pools found at start count as changed one scale-up cooldown before the first step: the first reading
+    after the warm-up (here a ramp's low start) may grow them, but not shrink them for another 30 s."""
+    quiet = ScalingSignals(time=0.0, request_rate=4.0, prompt_tokens_mean=1000.0, output_tokens_mean=50.0)
+    sizing = dataclasses.replace(SIZING, gpu_budget=0, scale_up_cooldown_s=30.0, scale_down_cooldown_s=60.0)
+    config = AutoscalerConfig(rate_window_s=15.0, metrics_port=None, forecaster="last")
+
+    def run(*signals: ScalingSignals) -> list:
+        now = [0.0]
+        autoscaler = Autoscaler(config, sizing, source=Source(*signals), actuator=Actuator(4, 4, can_flip=False),
+                                forecaster=LastValueForecaster(), cost=COST, clock=lambda: now[0])
+
+        async def body():
+            out = []
+            for t in (0.0, 15.0, 30.0):
+                now[0] = t
+                out.append(await autoscaler.step())
+            return out
+        return asyncio.run(body())
+
+    warm, held, shrunk = run(quiet)
+    assert warm.cause == "no_signal"
+    assert (held.action, held.cause, held.prefill, held.decode) == ("hold", "cooldown", 4, 4)
+    assert shrunk.action == "scale" and (shrunk.prefill, shrunk.decode) == (1, 1)
+    grown = run(PROMPT_HEAVY)[1]  # 7 prefill and 1 decode wanted: prefill grows, decode waits
+    assert grown.action == "scale" and (grown.prefill, grown.decode) == (7, 4)
+
+
 def test_without_in_place_flips_it_shrinks_before_it_grows():
     a = Actuator(4, 4, can_flip=False)
     steps(loop(a, PROMPT_HEAVY), 2)
@@ -129,7 +157,7 @@ def test_a_failed_shrink_stops_the_step():
     steps(autoscaler, 2)
     assert a.calls == [("flip", "prefill"), ("scale", "decode", 1)]  # prefill did not grow past the budget
     assert a.replicas == {"prefill": 4, "decode": 4}
-    assert autoscaler.state is not None and autoscaler.state.decode_changed_at == -math.inf
+    assert autoscaler.state is not None and autoscaler.state.decode_changed_at == 0.0  # as found at the first step
 
 
 def test_advisory_mode_only_reports():
