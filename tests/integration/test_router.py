@@ -296,6 +296,19 @@ def test_overload_gets_fast_429s(model_dir, stack, tmp_path):
 # --- migration ----------------------------------------------------------------------------------
 
 
+def stream_greedy(router: Proc, prompt: str, max_tokens: int, *, at_chunk: int, then) -> str:
+    """A greedy completion streamed through the openai client; ``then()`` runs after chunk ``at_chunk``."""
+    text = []
+    stream = openai.OpenAI(base_url=f"{router.address}/v1", api_key="none", max_retries=0).completions.create(
+        model="model", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        extra_body={"ignore_eos": True})
+    for n, chunk in enumerate(stream):
+        text.append(chunk.choices[0].text)
+        if n == at_chunk:
+            then()
+    return "".join(text)
+
+
 def test_decode_worker_killed_mid_stream(model_dir, reference, tmp_path):
     prefill = worker("prefill", model_dir, tmp_path, *WORKER)
     decodes = [worker("decode", model_dir, tmp_path, *WORKER, "--prefill-peers", prefill.address, name=f"d{i}")
@@ -305,17 +318,15 @@ def test_decode_worker_killed_mid_stream(model_dir, reference, tmp_path):
         wait_ready(router.address)
         prompt = "Migration moves a request to another decode worker"
         want = reference(prompt, 300, ignore_eos=True).text
-        text, killed = [], []
-        stream = openai.OpenAI(base_url=f"{router.address}/v1", api_key="none", max_retries=0).completions.create(
-            model="model", prompt=prompt, max_tokens=300, temperature=0, stream=True, extra_body={"ignore_eos": True})
-        for n, chunk in enumerate(stream):
-            text.append(chunk.choices[0].text)
-            if n == 30:
-                busy = [d for d in decodes if load(d.address).num_running > 0]
-                assert len(busy) == 1
-                busy[0].kill()
-                killed.append(busy[0])
-        assert killed and "".join(text) == want
+        killed = []
+
+        def kill_the_busy_one() -> None:
+            busy = [d for d in decodes if load(d.address).num_running > 0]
+            assert len(busy) == 1
+            busy[0].kill()
+            killed.append(busy[0])
+
+        assert stream_greedy(router, prompt, 300, at_chunk=30, then=kill_the_busy_one) == want and killed
         survivor = next(d for d in decodes if d is not killed[0])
         _workers_idle(survivor, prefill)
         metrics = httpx.get(f"{router.address}/metrics").text
@@ -347,18 +358,16 @@ def test_decode_worker_leaving_discovery_finishes_its_streams(model_dir, referen
         wait_ready(router.address)
         prompt = "A worker that leaves keeps serving what it holds"
         want = reference(prompt, 200, ignore_eos=True).text
-        text, left = [], []
-        stream = openai.OpenAI(base_url=f"{router.address}/v1", api_key="none", max_retries=0).completions.create(
-            model="model", prompt=prompt, max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True})
-        for n, chunk in enumerate(stream):
-            text.append(chunk.choices[0].text)
-            if n == 20:
-                busy = next(name for name in ("d0", "d1") if load(procs[name].address).num_running > 0)
-                publish([name for name in procs if name != busy])  # the router forgets it ...
-                time.sleep(1.5)  # ... (file discovery polls every 0.5 s) before it drains
-                procs[busy].proc.send_signal(signal.SIGTERM)
-                left.append(busy)
-        assert left and "".join(text) == want
+        left = []
+
+        def scale_the_busy_one_down() -> None:
+            busy = next(name for name in ("d0", "d1") if load(procs[name].address).num_running > 0)
+            publish([name for name in procs if name != busy])  # the router forgets it ...
+            time.sleep(1.5)  # ... (file discovery polls every 0.5 s) before it drains
+            procs[busy].proc.send_signal(signal.SIGTERM)
+            left.append(busy)
+
+        assert stream_greedy(router, prompt, 200, at_chunk=20, then=scale_the_busy_one_down) == want and left
         assert procs[left[0]].proc.wait(30) == 0  # drained, not killed
         metrics = httpx.get(f"{router.address}/metrics").text
         assert metric_value(metrics, "pdserve_router_migrations_total") == 0
