@@ -33,6 +33,14 @@ from router.routing_config import RoutingConfig
 from simulator.config import EngineSpec, SimConfig
 
 DEFAULT_SPLITWISE = Path(__file__).resolve().parents[2] / "shared/traces/splitwise_sim_perf_model/perf_model.csv"
+# The fits of that table for the configurations the benchmarks and tests use, saved by ``CostModel.save``,
+# so the simulator works where the shared table is not checked out (a CI clone, an installed package).
+# tests/unit/test_simulator.py checks they still equal a fresh fit of the table when it is present.
+PACKAGED_FITS = Path(__file__).resolve().parent / "cost_models"
+
+
+def packaged_fit(model: str, hardware: str, tensor_parallel: int) -> Path:
+    return PACKAGED_FITS / f"splitwise_{model}_{hardware}_tp{tensor_parallel}.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +102,22 @@ def from_profile(path: str | Path, *, kv_bytes: int, kv_capacity_tokens: int, gp
     return Calibration(cost, kv_bytes, gpus_per_instance, f"profile:{path}")
 
 
-def from_splitwise(path: str | Path = DEFAULT_SPLITWISE, *, model: str = "llama2-70b",
+def from_splitwise(path: str | Path | None = None, *, model: str = "llama2-70b",
                    hardware: str = "h100-80gb", tensor_parallel: int = 4, memory_utilization: float = 0.9,
                    transfer_overlap: float = 0.0, link_bandwidth_gbps: float | None = None) -> Calibration:
-    """The Splitwise table's (model, hardware, TP) fit, with KV capacity from the datasheet HBM."""
-    cost = cost_model_from_splitwise(path, model=model, hardware=hardware, tensor_parallel=tensor_parallel)
+    """The Splitwise table's (model, hardware, TP) fit, with KV capacity from the datasheet HBM.
+
+    ``path=None``: the shared table if it is checked out beside the repository, else the packaged fit
+    of the same table (only the configurations in ``cost_models/``)."""
+    if path is None and not DEFAULT_SPLITWISE.exists():
+        fit = packaged_fit(model, hardware, tensor_parallel)
+        if not fit.exists():
+            raise ConfigError(f"no packaged fit for {model}/{hardware}/tp{tensor_parallel} and no Splitwise table "
+                              f"at {DEFAULT_SPLITWISE}: pass the table's path", field="splitwise")
+        cost = CostModel.load(fit)
+    else:
+        cost = cost_model_from_splitwise(path or DEFAULT_SPLITWISE, model=model, hardware=hardware,
+                                         tensor_parallel=tensor_parallel)
     kv = SPLITWISE_KV_BYTES_PER_TOKEN[model]
     shape, hw = MODELS.get(model), HARDWARE[hardware]
     params = shape.num_params if shape is not None else 176e9

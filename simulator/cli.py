@@ -92,7 +92,7 @@ def _calibration(args: argparse.Namespace):
     elif args.datasheet:
         result = cal.from_datasheet(hardware=args.datasheet, model=args.model, num_gpus=args.tensor_parallel)
     else:
-        result = cal.from_splitwise(args.splitwise or cal.DEFAULT_SPLITWISE, model=args.model,
+        result = cal.from_splitwise(args.splitwise or None, model=args.model,
                                     hardware=args.hardware, tensor_parallel=args.tensor_parallel)
     updates = {}
     if args.kv_capacity_tokens:

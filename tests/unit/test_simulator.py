@@ -215,3 +215,16 @@ def test_autoscaler_policy_plugs_into_the_scaler_hook() -> None:
     result = sim.run(trace)
     assert_clean(sim)
     assert scaler.decisions and result.summary()["completed"] == 400
+
+
+@pytest.mark.parametrize("hardware", ["h100-80gb", "a100-80gb"])
+def test_packaged_fits_equal_a_fresh_fit_of_the_table(hardware):
+    from router.cost_model import CostModel, cost_model_from_splitwise
+    from simulator.calibration import DEFAULT_SPLITWISE, packaged_fit
+
+    packaged = CostModel.load(packaged_fit("llama2-70b", hardware, 4))
+    assert packaged.prefill_per_token_s > 0 and packaged.decode_base_s > 0
+    if not DEFAULT_SPLITWISE.exists():
+        pytest.skip("the shared Splitwise table is not checked out beside the repository")
+    assert packaged == cost_model_from_splitwise(DEFAULT_SPLITWISE, model="llama2-70b", hardware=hardware,
+                                                 tensor_parallel=4)
