@@ -12,6 +12,19 @@ from pathlib import Path
 from simulator.metrics import SimResult
 
 
+def _finish(plt, fig, ax, path: str | Path, title: str, *, legend: bool = True) -> Path:
+    """Legend, title, layout, then write ``path`` and free the figure."""
+    if legend:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _pyplot():
     import matplotlib
 
@@ -39,14 +52,7 @@ def plot_latency(results: Mapping[str, SimResult], path: str | Path, *, bin_s: f
     ax1.set_yscale("log")
     ax2.set_ylabel("TPOT p90 (ms)")
     ax2.set_xlabel("arrival time (min)")
-    ax1.legend(fontsize=8)
-    if title:
-        ax1.set_title(title)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax1, path, title)
 
 
 def plot_replicas(results: Mapping[str, SimResult], path: str | Path, *, title: str = "") -> Path:
@@ -60,14 +66,7 @@ def plot_replicas(results: Mapping[str, SimResult], path: str | Path, *, title: 
         ax.step(t, [row[2] for row in tl], where="post", linestyle="--", label=f"{label} decode")
     ax.set_xlabel("time (min)")
     ax.set_ylabel("instances (provisioned)")
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, path, title)
 
 
 def plot_bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], path: str | Path, *,
@@ -81,12 +80,4 @@ def plot_bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], path
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))])
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, path, title, legend=len(series) > 1)
