@@ -290,6 +290,12 @@ class RedisState:
                 await self._refresh()
             except Exception:  # a bug must not stop the refresh: our counts would expire for everyone
                 logger.exception("shared state refresh failed")
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # a cancel that landed inside a Redis call can come out as the client's TimeoutError,
+                # which _refresh counts and swallows; without this the task would refresh on forever
+                # (a crashed router's counts never expire) and stop() would wait for it forever
+                raise asyncio.CancelledError
 
     async def _refresh(self) -> None:
         """Publish this router's counts (whole) and read everyone else's: one round trip."""
