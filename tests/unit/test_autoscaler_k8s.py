@@ -16,7 +16,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,24 +32,15 @@ from autoscaler.service import Autoscaler
 from autoscaler.signals import ScalingSignals
 from common.errors import PermissionDeniedError
 from router.cost_model import CostModel
+from tests.k8s_stand_in import NS, TOKEN, StandInApiServer, send_json, status
 
-NS = "serving"
-TOKEN = "s3cret-token"
 SA = "system:serviceaccount:serving:pdserve-autoscaler"
 DEPLOYMENTS = {"prefill": "pdserve-prefill", "decode": "pdserve-decode"}
 _PATH = re.compile(r"/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)/scale")
 MERGE_PATCH = "application/merge-patch+json"
 
 
-def _status(code: int, reason: str, message: str, **details: Any) -> dict[str, Any]:
-    body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
-    if details:
-        body["details"] = details
-    return body
-
-
-class FakeScaleApi:
+class FakeScaleApi(StandInApiServer):
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.rv = 1000
@@ -57,18 +48,7 @@ class FakeScaleApi:
         self.forbidden: set[tuple[str, str]] = set()  # (deployment, verb): RBAC denies it
         self.interfere = 0  # the next N PATCHes race with another writer, which gets there first
         self.requests: list[dict[str, Any]] = []
-        handler = type("Handler", (_Handler,), {"fake": self})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__()
 
     def add(self, name: str, replicas: int) -> None:
         with self.lock:
@@ -77,15 +57,6 @@ class FakeScaleApi:
 
     def replicas(self, name: str) -> int:
         return self.deployments[name]["replicas"]
-
-    def api_client(self, token: str = TOKEN) -> Any:
-        from kubernetes import client
-
-        cfg = client.Configuration()
-        cfg.host = self.url
-        cfg.api_key = {"authorization": token}
-        cfg.api_key_prefix = {"authorization": "Bearer"}
-        return client.ApiClient(cfg)
 
     def calls(self, name: str | None = None) -> list[tuple[str, int]]:
         """(verb, answer) of each request, in order (for one Deployment when named)."""
@@ -113,50 +84,45 @@ class FakeScaleApi:
             self.requests.append(record)
             code, body = self._answer(h, record, m, raw)
             record["answer"] = code
-        data = json.dumps(body).encode()
-        h.send_response(code)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+        send_json(h, code, body)
 
     def _answer(self, h: BaseHTTPRequestHandler, record: dict[str, Any], m: re.Match | None, raw: bytes
                 ) -> tuple[int, dict[str, Any]]:
         accept = [a.split(";")[0].strip() for a in h.headers.get("Accept", "").split(",")]
         if h.headers.get("Authorization") != f"Bearer {TOKEN}":
-            return 401, _status(401, "Unauthorized", "Unauthorized")
+            return 401, status(401, "Unauthorized", "Unauthorized")
         if m is None:
-            return 404, _status(404, "NotFound", "the server could not find the requested resource")
+            return 404, status(404, "NotFound", "the server could not find the requested resource")
         namespace, name = m.groups()
         verb = {"GET": "get", "PATCH": "patch"}.get(h.command)
         if verb is None:
-            return 405, _status(405, "MethodNotAllowed", f"{h.command} is not supported on deployments/scale")
+            return 405, status(405, "MethodNotAllowed", f"{h.command} is not supported on deployments/scale")
         if namespace != NS or (name, verb) in self.forbidden:
-            return 403, _status(403, "Forbidden", f'deployments.apps "{name}" is forbidden: User "{SA}" cannot '
+            return 403, status(403, "Forbidden", f'deployments.apps "{name}" is forbidden: User "{SA}" cannot '
                                 f'{verb} resource "deployments/scale" in API group "apps" in the namespace "{namespace}"',
                                 name=name, group="apps", kind="deployments")
         if "application/json" not in accept:
-            return 406, _status(406, "NotAcceptable", "only application/json is served here")
+            return 406, status(406, "NotAcceptable", "only application/json is served here")
         if record["query"]:
-            return 400, _status(400, "BadRequest", f"unexpected query {record['query']}")
+            return 400, status(400, "BadRequest", f"unexpected query {record['query']}")
         if name not in self.deployments:
-            return 404, _status(404, "NotFound", f'deployments.apps "{name}" not found')
+            return 404, status(404, "NotFound", f'deployments.apps "{name}" not found')
         if verb == "get":
             return 200, self._scale(name)
         content_type = (h.headers.get("Content-Type") or "").split(";")[0].strip()
         if content_type != MERGE_PATCH:
-            return 415, _status(415, "UnsupportedMediaType", f"the stand-in takes only {MERGE_PATCH}, got {content_type}")
+            return 415, status(415, "UnsupportedMediaType", f"the stand-in takes only {MERGE_PATCH}, got {content_type}")
         try:
             patch = json.loads(raw)
         except ValueError:
-            return 400, _status(400, "BadRequest", "the body is not JSON")
+            return 400, status(400, "BadRequest", "the body is not JSON")
         record["body"] = patch
         replicas = (patch.get("spec") or {}).get("replicas") if isinstance(patch, dict) else None
         sent_rv = (patch.get("metadata") or {}).get("resourceVersion") if isinstance(patch, dict) else None
         if (not isinstance(patch, dict) or set(patch) != {"metadata", "spec"} or set(patch["metadata"]) != {"resourceVersion"}
                 or set(patch["spec"]) != {"replicas"} or not isinstance(sent_rv, str)
                 or not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0):
-            return 422, _status(422, "Invalid", f"the stand-in wants exactly metadata.resourceVersion and "
+            return 422, status(422, "Invalid", f"the stand-in wants exactly metadata.resourceVersion and "
                                 f"spec.replicas, got {patch!r}")
         d = self.deployments[name]
         if self.interfere > 0:  # someone else's write lands first
@@ -165,25 +131,12 @@ class FakeScaleApi:
             d["rv"] = self.rv
             d["replicas"] += 1
         if sent_rv != str(d["rv"]):
-            return 409, _status(409, "Conflict", f'Operation cannot be fulfilled on deployments.apps "{name}": the '
+            return 409, status(409, "Conflict", f'Operation cannot be fulfilled on deployments.apps "{name}": the '
                                 "object has been modified; please apply your changes to the latest version and try again",
                                 name=name, group="apps", kind="deployments")
         self.rv += 1
         d["rv"], d["replicas"] = self.rv, replicas
         return 200, self._scale(name)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    fake: FakeScaleApi
-
-    def do_GET(self) -> None:
-        self.fake.handle(self)
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,6 +31,8 @@ from router.discovery import (
     registry_index_key,
 )
 from router.discovery_k8s import KubernetesDiscovery, endpoints_from_slice
+from tests.k8s_stand_in import NS, TOKEN, StandInApiServer, send_json
+from tests.k8s_stand_in import status as _status
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 from worker.registration import RedisRegistration
 
@@ -203,19 +205,12 @@ def test_redis_discovery_starts_while_redis_is_down(redis_server: RedisServer) -
 
 # --- Kubernetes -----------------------------------------------------------------------------------
 
-NS = "serving"
-TOKEN = "s3cret-token"
 PREFILL_SEL = "app.kubernetes.io/component=prefill"
 DECODE_SEL = "app.kubernetes.io/component=decode"
 WATCH_TIMEOUT_S = 60
 _PATH = re.compile(r"/apis/discovery\.k8s\.io/v1/namespaces/([^/]+)/endpointslices")
 _LIST_PARAMS = {"labelSelector"}
 _WATCH_PARAMS = {"labelSelector", "watch", "resourceVersion", "timeoutSeconds", "allowWatchBookmarks"}
-
-
-def _status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
 
 
 def make_slice(name: str, component: str, endpoints: list[tuple[str, str, bool | None, bool]],
@@ -234,7 +229,7 @@ def make_slice(name: str, component: str, endpoints: list[tuple[str, str, bool |
             "ports": [{"name": port_name, "port": 50051, "protocol": "TCP"}, {"name": "metrics", "port": 9090}]}
 
 
-class FakeApiServer:
+class FakeApiServer(StandInApiServer):
     """The EndpointSlice list + watch of namespace NS, as the real API server answers them."""
 
     def __init__(self, gone: str = "event") -> None:
@@ -247,24 +242,7 @@ class FakeApiServer:
         self.generation = 0  # bumped to end every open watch
         self.closed = False
         self.requests: list[dict[str, Any]] = []
-        handler = type("Handler", (_Handler,), {"fake": self})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}"
-
-    def api_client(self, token: str = TOKEN) -> Any:
-        from kubernetes import client
-
-        cfg = client.Configuration()
-        cfg.host = self.url
-        cfg.api_key = {"authorization": token}
-        cfg.api_key_prefix = {"authorization": "Bearer"}
-        return client.ApiClient(cfg)
+        super().__init__()
 
     def _apply(self, kind: str, obj: dict[str, Any], record: bool = True) -> None:
         self.rv += 1
@@ -300,8 +278,7 @@ class FakeApiServer:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().close()
 
     def calls(self, selector: str) -> list[tuple[str, str]]:
         """(kind, answer) of each request for ``selector``, in order."""
@@ -341,7 +318,7 @@ class FakeApiServer:
         with self.cond:
             items = [s for s in self.slices.values() if self._matches(s, selector)]
             record["answer"] = rv = str(self.rv)
-        self._send(h, 200, {"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
+        send_json(h, 200, {"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
                             "metadata": {"resourceVersion": rv}, "items": items})
 
     def _watch(self, h: BaseHTTPRequestHandler, record: dict[str, Any], selector: dict[str, str], rv: int,
@@ -352,7 +329,7 @@ class FakeApiServer:
         record["answer"] = "gone" if gone else "ok"
         gone_status = _status(410, "Expired", f"too old resource version: {rv} ({self.compacted_rv})")
         if gone and self.gone == "status":
-            return self._send(h, 410, gone_status)
+            return send_json(h, 410, gone_status)
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Transfer-Encoding", "chunked")
@@ -409,29 +386,7 @@ class FakeApiServer:
     def _error(self, h: BaseHTTPRequestHandler, record: dict[str, Any], status: dict[str, Any]) -> None:
         record["answer"] = status["code"]
         h.close_connection = True
-        self._send(h, status["code"], status)
-
-    @staticmethod
-    def _send(h: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        h.send_response(code)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    fake: FakeApiServer
-
-    def do_GET(self) -> None:
-        self.fake.handle(self)
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        send_json(h, status["code"], status)
 
 
 @pytest.fixture(params=["event", "status"])
