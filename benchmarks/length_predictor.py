@@ -21,8 +21,6 @@ import csv
 import datetime
 import heapq
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -101,26 +99,19 @@ def replay(rows, predictor, feedback: str) -> tuple[np.ndarray, np.ndarray]:
     return predicted, actual
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cpus, {platform.system()} {platform.release()}, Python {platform.python_version()}"
-
-
 def main() -> None:
+    # Imported here: tests load this file by path, without benchmarks/ on sys.path.
+    from bench_env import AZURE_CONV, MOONCAKE, RESULTS, TRACES, machine
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--traces", type=Path, default=Path("/work/shared/traces"))
+    parser.add_argument("--traces", type=Path, default=TRACES)
     parser.add_argument("--feedback", choices=("delayed", "immediate"), default="delayed")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     traces = {
-        "mooncake_conversation": (load_mooncake, args.traces / "mooncake/conversation_trace.jsonl"),
-        "azure_conv_2023": (load_azure, args.traces / "azure_llm_2023/AzureLLMInferenceTrace_conv.csv"),
+        "mooncake_conversation": (load_mooncake, args.traces / MOONCAKE.relative_to(TRACES)),
+        "azure_conv_2023": (load_azure, args.traces / AZURE_CONV.relative_to(TRACES)),
     }
     results: dict[str, dict] = {}
     print(f"{'trace':24s} {'predictor':18s} {'tau_b':>7s} {'MAE':>7s} {'median |err|':>12s}  notes")

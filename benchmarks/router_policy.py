@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import random
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_env import RESULTS, SPLITWISE, machine
 
 from router.cluster_state import ClusterState, LoadReport
 from router.cost_model import SPLITWISE_KV_BYTES_PER_TOKEN, CostModel, cost_model_from_splitwise
@@ -39,17 +38,6 @@ from router.routing_config import RoutingConfig
 from router.snapshot import SLO, RoutingRequest
 
 BS = 16
-SPLITWISE = Path("/work/shared/traces/splitwise_sim_perf_model/perf_model.csv")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cpus, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 def random_report(rng: random.Random, name: str, role: str) -> LoadReport:
@@ -158,7 +146,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=100_000)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--cost-model", type=Path, help="CostModel JSON (default: fitted to the Splitwise table)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     if args.cost_model:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import argparse
 
-from sim_common import AZURE_CONV, calibration, png, table, write
+from bench_env import AZURE_CONV
+from sim_common import calibration, png, table, write
 
 SCENARIOS = ((50_000, 0.45), (30_000, 0.3))
 RUNS = (("static", "true"), ("dynamic", "true"), ("dynamic", "predicted"), ("shortest_first", "true"),

@@ -1,4 +1,4 @@
-"""Shared by the simulator benchmarks: the calibration, the traces, where results go, tables.
+"""Shared by the simulator benchmarks: the calibration, the result files, tables (paths: ``bench_env``).
 
 Every simulator benchmark runs Llama-2-70B on 4 x H100-80GB (tensor parallel 4) as fitted to the
 Splitwise profiling table (``router.cost_model.cost_model_from_splitwise``), with the KV capacity
@@ -10,31 +10,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python benchmarks/sim_*.py` from anywhere
-    sys.path.insert(0, str(ROOT))
-
-SHARED = ROOT.parent / "shared" / "traces"
-MOONCAKE = SHARED / "mooncake" / "conversation_trace.jsonl"
-AZURE_CONV = SHARED / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
-SPLITWISE = SHARED / "splitwise_sim_perf_model" / "perf_model.csv"
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cpus, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+from bench_env import RESULTS, SPLITWISE, machine
 
 
 def calibration():

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 
-from sim_common import MOONCAKE, calibration, png, table, write
+from bench_env import MOONCAKE
+from sim_common import calibration, png, table, write
 
 MOONCAKE_ORDER = ("random", "load_balanced", "local_cache_aware", "global_cache_aware")
 POLICIES_PLOTTED = ("random", "load_balanced", "global_cache_aware", "dynamo", "transfer_aware")

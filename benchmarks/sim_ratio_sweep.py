@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import argparse
 
-from sim_common import AZURE_CONV, calibration, png, table, write
+from bench_env import AZURE_CONV
+from sim_common import calibration, png, table, write
 
 TTFT_SLO_S, TBT_SLO_S = 2.0, 0.1
 PEAK_TARGET = 0.99

@@ -24,7 +24,8 @@ from __future__ import annotations
 import argparse
 import collections
 
-from sim_common import MOONCAKE, calibration, png, table, write
+from bench_env import MOONCAKE
+from sim_common import calibration, png, table, write
 
 TTFT_SLO_S = 30.0
 VARIANTS = (("none", False, "policy"), ("early", False, "early"), ("predicted", True, "policy"))
