@@ -23,6 +23,7 @@ from common.rpc import worker_pb2 as pb
 from common.rpc import worker_pb2_grpc as pb_grpc
 from engine.async_engine import AsyncEngine
 from engine.block_pool import KVEvents
+from engine.core import EngineLoad
 from kvtransfer.layout import KVLayout
 from worker.grpc_errors import grpc_errors
 from worker.roles import RoleGate, RoleSwitcher
@@ -48,7 +49,7 @@ class AdminService(pb_grpc.WorkerAdminServicer):
         self._transfers_in_flight = transfers_in_flight
         self._subscribers: set[asyncio.Queue] = set()
         self._snapshot: asyncio.Future | None = None  # one engine-thread snapshot in flight, shared
-        self._last_load = None
+        self._last_load: EngineLoad | None = None
         self._last_load_at = 0.0
         engine.on_kv_events = self._publish
 
@@ -86,7 +87,8 @@ class AdminService(pb_grpc.WorkerAdminServicer):
 
     # --- load reports ---------------------------------------------------------------------------
 
-    async def _load(self):
+    async def load(self) -> EngineLoad:
+        """The engine's load snapshot, shared by the load reports and the metrics publisher."""
         if self._snapshot is None or self._snapshot.done():
             self._snapshot = asyncio.ensure_future(self.engine.call(self.engine.core.load))
         snapshot = self._snapshot
@@ -101,7 +103,7 @@ class AdminService(pb_grpc.WorkerAdminServicer):
         return load
 
     async def report(self) -> pb.LoadReport:
-        load = await self._load()
+        load = await self.load()
         return pb.LoadReport(
             instance_id=self.instance_id, role=self.role, timestamp=time.time(),
             num_running=load.num_running + load.num_awaiting_kv, num_waiting=load.num_waiting,

@@ -1,7 +1,8 @@
 """Publishes a worker's engine state as Prometheus metrics, sampled on the engine thread.
 
-Gauges (running, waiting, KV usage, queued prefill tokens, step time, role)
-are set from an ``EngineCore.load()`` snapshot every ``interval_s``; counters
+Gauges (running, awaiting KV, waiting, KV usage, queued prefill tokens, step
+time, role) are set from the worker's load snapshot (``AdminService.load``,
+the one its load reports use) every ``interval_s``; counters
 (prefix-cache queries and hits, preemptions) advance by the snapshot's deltas.
 After a role flip the old role's series are removed, so a dashboard counting
 workers per role sees the flip at the next scrape.
@@ -11,24 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from common import metrics
-from engine.async_engine import AsyncEngine
+from engine.core import EngineLoad
 from worker.roles import RoleGate
 
 logger = logging.getLogger(__name__)
 
-GAUGES = (metrics.WORKER_RUNNING, metrics.WORKER_AWAITING_KV, metrics.WORKER_WAITING, metrics.WORKER_KV_USAGE, metrics.WORKER_QUEUED_PREFILL,
-          metrics.WORKER_STEP_TIME, metrics.WORKER_ROLE)
+GAUGES = (metrics.WORKER_RUNNING, metrics.WORKER_AWAITING_KV, metrics.WORKER_WAITING, metrics.WORKER_KV_USAGE,
+          metrics.WORKER_QUEUED_PREFILL, metrics.WORKER_STEP_TIME, metrics.WORKER_ROLE)
 
 
-async def publish_engine_metrics(engine: AsyncEngine, gate: RoleGate, *, model: str, instance: str,
-                                 interval_s: float = 1.0) -> None:
+async def publish_engine_metrics(load_snapshot: Callable[[], Awaitable[EngineLoad]], gate: RoleGate, *, model: str,
+                                 instance: str, interval_s: float = 1.0) -> None:
     last = {"queries": 0, "hits": 0, "preemptions": 0}
     role = None
     while True:
         try:
-            load = await engine.call(engine.core.load)
+            load = await load_snapshot()
         except Exception:  # a bad snapshot must not stop the publisher
             logger.exception("engine load snapshot failed")
             await asyncio.sleep(interval_s)

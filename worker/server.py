@@ -74,7 +74,7 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
         from prometheus_client import start_http_server
 
         start_http_server(worker_config.metrics_port, addr=worker_config.host)
-        metrics_task = asyncio.create_task(publish_engine_metrics(engine, gate, model=model_name,
+        metrics_task = asyncio.create_task(publish_engine_metrics(admin.load, gate, model=model_name,
                                                                   instance=instance_id))
     await server.start()
     if worker_config.redis_url:
