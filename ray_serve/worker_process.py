@@ -19,19 +19,18 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cli.processes import READY
 from common.rpc import worker_pb2 as pb
 from common.rpc import worker_pb2_grpc as pb_grpc
 from common.tls import aio_channel, load_tls
 
 logger = logging.getLogger(__name__)
 
-READY = re.compile(r"PDSERVE_READY role=(\S+) address=(\S+)")
 PR_SET_PDEATHSIG = 1
 
 
@@ -43,7 +42,7 @@ def config_flags(values: Mapping[str, Any]) -> list[str]:
         if value is None:
             continue
         if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + name.replace("_", "-"))
+            flags.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):
             flags += [flag, ",".join(str(v) for v in value)]
         else:
