@@ -35,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from common.batch_policy import BatchPolicy
+from router.cluster_state import LoadReport
 from router.cost_model import CostModel
 from simulator.admission import admit
 from simulator.config import EngineSpec
@@ -56,19 +57,6 @@ class EngineOutput:
     progress: list[tuple[Job, int]] = field(default_factory=list)
     """New output tokens per job since the last report (before its finish, if it finished)."""
     finished: list[Job] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class EngineLoad:
-    """What a worker's load report carries (``LoadReport``), at one moment."""
-
-    num_running: int
-    num_waiting: int
-    num_queued_prefill_tokens: int
-    num_free_blocks: int
-    num_total_blocks: int
-    block_size: int
-    recent_step_times_s: tuple[float, ...]
 
 
 class SimEngine:
@@ -156,7 +144,7 @@ class SimEngine:
         """Nothing held: no request in any state (a draining instance may stop)."""
         return not (self.num_running or self.waiting or self.prefilled or self.busy)
 
-    def load(self, now: float) -> EngineLoad:
+    def load(self, now: float) -> LoadReport:
         """The load report at ``now`` (inside a segment: after the steps finished by then)."""
         batch = self.batch
         step, recent = batch.step, tuple(self.recent_step_times)
@@ -168,8 +156,9 @@ class SimEngine:
                           )[-RECENT_STEPS:]
         queued = sum(j.num_tokens - j.num_computed for j in self.waiting)
         queued += sum(r for j in self.prefilling if (r := j.num_tokens - j.num_computed) > 1)
-        return EngineLoad(self.num_running, len(self.waiting), queued, self.ledger.free(batch.blocks(step)),
-                          self.spec.num_blocks, self.spec.block_size, recent)
+        return LoadReport(self.instance_id, self.role, self.num_running, len(self.waiting), queued,
+                          self.ledger.free(batch.blocks(step)), self.spec.num_blocks, self.spec.block_size, recent,
+                          self.draining)
 
     # --- the step -------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.batch_policy import BatchPolicy
-from router.cluster_state import ClusterState, LoadReport
+from router.cluster_state import ClusterState
 from router.cost_model import CostModel
 from router.prefix_index import KVEventBatch
 from router.snapshot import DECODE, PREFILL
@@ -139,12 +139,7 @@ class Pools:
     # --- load reports ---------------------------------------------------------------------------
 
     def _report(self, inst: SimInstance, at: float) -> None:
-        load = inst.engine.load(at)
-        self.state.apply_load_report(LoadReport(
-            inst.instance_id, inst.role, num_running=load.num_running, num_waiting=load.num_waiting,
-            num_queued_prefill_tokens=load.num_queued_prefill_tokens, num_free_blocks=load.num_free_blocks,
-            num_total_blocks=load.num_total_blocks, block_size=load.block_size,
-            recent_step_times_s=load.recent_step_times_s, draining=inst.engine.draining), at)
+        self.state.apply_load_report(inst.engine.load(at), at)
         inst.last_report_s = at
 
     def flush(self, inst: SimInstance, now: float) -> None:
