@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
+from common.block_hash import NONE_HASH, hash_block
 from common.errors import ConfigError
 
 MOONCAKE_BLOCK_SIZE = 512
@@ -59,10 +60,13 @@ class Trace:
 
 
 def chain_ids(ids: Sequence[int]) -> tuple[int, ...]:
-    """Chained 63-bit identities of a block-id sequence: equal outputs at i mean equal ids at 0..i."""
-    out, h = [], 0xCBF29CE484222325
+    """Chained identities of a block-id sequence: equal outputs at i mean equal ids at 0..i.
+
+    Each id stands for its block's tokens in the router's and engine's block hash.
+    """
+    out, h = [], NONE_HASH
     for block_id in ids:
-        h = ((h ^ (block_id + 1)) * 0x100000001B3 + 0x9E3779B97F4A7C15) & 0x7FFFFFFFFFFFFFFF
+        h = hash_block(h, (block_id,))
         out.append(h)
     return tuple(out)
 
