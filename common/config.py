@@ -302,9 +302,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--flag`` per field of ``cls``; defaults stay unset so env and file can fill them."""
-    group = parser.add_argument_group(cls.__name__)
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                    prefix: str = "", title: str | None = None) -> None:
+    """Add one ``--flag`` per field of ``cls``; defaults stay unset so env and file can fill them.
+
+    ``prefix`` goes before every flag and ``args`` attribute (``prefix="tls_"``: ``--tls-cert``);
+    pass the same one to :func:`build_config`."""
+    group = parser.add_argument_group(title or cls.__name__)
     docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -312,12 +316,12 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[s
         typ, _ = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_ = f"{docs.get(f.name, '')} (default: {default})"
+        name = prefix + f.name
         if typ is bool:
-            group.add_argument(_flag(f.name), dest=f.name, default=None,
+            group.add_argument(_flag(name), dest=name, default=None,
                                action=argparse.BooleanOptionalAction, help=help_)
         else:
-            group.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(),
-                               help=help_)
+            group.add_argument(_flag(name), dest=name, default=None, metavar=f.name.upper(), help=help_)
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -359,12 +363,12 @@ def config_from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> d
 
 
 def build_config(cls: type[T], args: argparse.Namespace | None = None, *,
-                 environ: Mapping[str, str] | None = None, **overrides: Any) -> T:
-    """Defaults < environment < CLI flags < explicit overrides."""
+                 environ: Mapping[str, str] | None = None, prefix: str = "", **overrides: Any) -> T:
+    """Defaults < environment < CLI flags (``args``, attributes named ``prefix + field``) < overrides."""
     values: dict[str, Any] = config_from_env(cls, environ)
     if args is not None:
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            raw = getattr(args, f.name, None)
+            raw = getattr(args, prefix + f.name, None)
             if raw is not None:
                 values[f.name] = raw if not isinstance(raw, str) else _parse_value(cls, f, raw)
     values.update({k: v for k, v in overrides.items() if v is not None})

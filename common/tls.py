@@ -176,21 +176,14 @@ def channel(address: str, tls: TlsConfig, options: ChannelOptions | None = None)
 
 def add_tls_args(parser) -> None:  # argparse.ArgumentParser
     """``--tls-cert``, ``--tls-key``, ``--tls-ca``, ``--tls-server-name`` (or PDSERVE_TLS_*)."""
-    group = parser.add_argument_group("TlsConfig (mutual TLS between components; env PDSERVE_TLS_*)")
-    group.add_argument("--tls-cert", default=None, help="PEM certificate chain presented as server and client")
-    group.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    group.add_argument("--tls-ca", default=None, help="PEM CA bundle peers' certificates must chain to")
-    group.add_argument("--tls-server-name", default=None,
-                       help="DNS name servers' certificates are checked against (default: the dialled host)")
+    from common.config import add_config_args
+
+    add_config_args(parser, TlsConfig, prefix="tls_",
+                    title="TlsConfig (mutual TLS between components; env PDSERVE_TLS_*)")
 
 
 def load_tls(args=None) -> TlsConfig:
     """Defaults < PDSERVE_TLS_* < ``--tls-*`` flags."""
     from common.config import build_config
 
-    overrides = {}
-    for name in ("cert", "key", "ca", "server_name"):
-        value = getattr(args, f"tls_{name}", None) if args is not None else None
-        if value is not None:
-            overrides[name] = value
-    return build_config(TlsConfig, None, **overrides)
+    return build_config(TlsConfig, args, prefix="tls_")
