@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from common.batch_policy import BatchPolicy, DynamicBatchPolicy, ShortestFirstPolicy, StaticBatchPolicy
+from common.batch_policy import BatchPolicy, DynamicBatchPolicy, make_batch_policy
 from common.errors import ConfigError
 from router.routing_config import RoutingConfig
 from simulator.calibration import Calibration, cluster_config
@@ -21,17 +21,12 @@ from simulator.cluster import Simulation
 from simulator.metrics import SimResult
 from simulator.trace import Trace
 
-POLICY_NAMES = ("static", "dynamic", "shortest_first")
-
 
 def make_policy(name: str, *, tbt_target_s: float) -> BatchPolicy:
-    if name == "static":
-        return StaticBatchPolicy()
+    """The engine's policy by name, the dynamic one aiming at the simulation's TBT SLO."""
     if name == "dynamic":
         return DynamicBatchPolicy(tbt_target_s=tbt_target_s)
-    if name == "shortest_first":
-        return ShortestFirstPolicy()
-    raise ConfigError(f"unknown batch policy {name!r} (known: {POLICY_NAMES})", field="batch_policy")
+    return make_batch_policy(name)
 
 
 def run_batching(trace: Trace, calibration: Calibration, *, policy: str, lengths: str = "true",
