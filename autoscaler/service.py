@@ -35,15 +35,11 @@ from autoscaler.capacity import RoleCapacity, capacity_from_cost_model
 from autoscaler.config import AutoscalerConfig, SizingConfig
 from autoscaler.forecast import Forecaster
 from autoscaler.policy import HOLD, PoolState, ScalingDecision, decide
-from autoscaler.signals import ScalingSignals, SignalSource
+from autoscaler.signals import SIGNAL_FIELDS, ScalingSignals, SignalSource
 from common import metrics
 from router.cost_model import CostModel
 
 logger = logging.getLogger(__name__)
-
-SIGNAL_FIELDS = ("request_rate", "prompt_tokens_mean", "output_tokens_mean", "prefix_hit_rate", "ttft_p90_s",
-                 "itl_p90_s", "num_running_prefill", "num_waiting_prefill", "num_running_decode",
-                 "num_waiting_decode", "kv_usage_prefill", "kv_usage_decode", "num_queued_prefill_tokens")
 
 
 class Planner:

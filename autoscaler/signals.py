@@ -112,6 +112,8 @@ _SUMMARY = (("request_rate", "rate", ".3g", "/s"), ("prompt_tokens_mean", "promp
             ("num_running_decode", "decoding", ".0f", ""), ("kv_usage_decode", "kv_decode", ".2f", ""),
             ("num_queued_prefill_tokens", "queued", ".0f", ""))
 FORECAST_FIELDS = ("request_rate", "prompt_tokens_mean", "output_tokens_mean", "prefix_hit_rate")
+SIGNAL_FIELDS = tuple(f.name for f in dataclasses.fields(ScalingSignals) if f.name not in ("time", "error"))
+"""Every value field (what ``PrometheusSource`` queries and the loop exports)."""
 
 
 class SignalSource(Protocol):
