@@ -15,9 +15,7 @@ local-prefill fallback) and a decode worker flipped away mid-stream and back (a 
 Then every target of every dashboard panel is run through Prometheus's ``/api/v1/query`` with
 Grafana's variables filled in (``$__rate_interval`` -> 30s, ``$model`` -> the demo model,
 ``$autoscaler`` -> the autoscaler's target); each must return at least one finite sample, and so
-must every recording rule. A failure names the dashboard, the panel and the query. Without a
-``pdserve autoscaler`` command the autoscaler is not started and its dashboard's test is skipped,
-saying why.
+must every recording rule. A failure names the dashboard, the panel and the query.
 """
 
 from __future__ import annotations
@@ -196,8 +194,7 @@ class Stack:
     prefill: Proc
     decodes: list[Proc]
     prometheus: PrometheusServer
-    autoscaler_target: str  # its scrape target, even when it does not run
-    autoscaler_skipped: str | None  # why `pdserve autoscaler` does not run (None: it runs)
+    autoscaler_target: str
     ray: FakeServe
     dead_peer: str
     events: dict[str, Any] = field(default_factory=dict)
@@ -206,11 +203,6 @@ class Stack:
     @property
     def api(self) -> str:
         return f"{self.router.address}/v1"
-
-    @property
-    def dashboards(self) -> tuple[str, ...]:
-        """The dashboards whose queries must have data."""
-        return DASHBOARDS if self.autoscaler_skipped is None else DASHBOARDS[:3]
 
 
 def _wait_router_sees(url: str, prefill: int, decode: int, timeout_s: float = 30.0) -> None:
@@ -358,19 +350,11 @@ def _set_role(address: str, role: str, drain_timeout_s: float) -> pb.SetRoleResp
 # --- queries ------------------------------------------------------------------------------------------
 
 
-def autoscaler_wired() -> str | None:
-    """None when `pdserve autoscaler` exists, else why the autoscaler dashboard is skipped."""
-    result = subprocess.run([sys.executable, "-m", "cli.main", "autoscaler", "--help"], capture_output=True,
-                            text=True, cwd=ROOT)
-    return None if result.returncode == 0 else f"`pdserve autoscaler` is not available: {result.stderr[-300:]}"
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
     binary = PROMETHEUS if os.access(PROMETHEUS, os.X_OK) else shutil.which("prometheus")
     if binary is None:
         pytest.skip(f"prometheus not found at {PROMETHEUS} or on PATH (apt-get install prometheus)")
-    autoscaler_skipped = autoscaler_wired()
     from engine.demo_model import write_demo_model
 
     started = time.monotonic()
@@ -421,18 +405,16 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             "pdserve-autoscaler": [autoscaler_target],
         }, binary=binary), RULES)
         prometheus.start()
-        if autoscaler_skipped is None:
-            # min = max = 3 decode replicas against the stub's 2: the first decision actuates a scale-up
-            procs.append(Autoscaler(["--prometheus-url", prometheus.url, "--interval-s", "1", "--rate-window-s", "8",
-                                     "--horizon-s", "5", "--actuator", "ray", "--ray-dashboard-url", ray.url,
-                                     "--ray-app-name", RAY_APP, "--no-advisory", "--min-decode", "3",
-                                     "--max-decode", "3", "--max-prefill", "2", "--scale-up-cooldown-s", "0",
-                                     "--scale-down-cooldown-s", "0"], work / "autoscaler.log", autoscaler_port))
+        # min = max = 3 decode replicas against the stub's 2: the first decision actuates a scale-up
+        procs.append(Autoscaler(["--prometheus-url", prometheus.url, "--interval-s", "1", "--rate-window-s", "8",
+                                 "--horizon-s", "5", "--actuator", "ray", "--ray-dashboard-url", ray.url,
+                                 "--ray-app-name", RAY_APP, "--no-advisory", "--min-decode", "3",
+                                 "--max-decode", "3", "--max-prefill", "2", "--scale-up-cooldown-s", "0",
+                                 "--scale-down-cooldown-s", "0"], work / "autoscaler.log", autoscaler_port))
         _wait_router_sees(router.address, 1, 2)
         # one scrape of every live target before the one-off events: their counters' 0 is on record
         prometheus.wait_for('count(up{job=~"pdserve-router|pdserve-workers"} == 1)', lambda v: v >= 4)
-        cluster = Stack(router, prefill, decodes, prometheus, autoscaler_target, autoscaler_skipped, ray, dead_peer,
-                        events, timings)
+        cluster = Stack(router, prefill, decodes, prometheus, autoscaler_target, ray, dead_peer, events, timings)
 
         cluster.events["migration"] = _migration(cluster.api, router.address, decodes)
         _wait_router_sees(router.address, 1, 2)
@@ -449,7 +431,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 
         # wait until every query has data (rates need two samples in the window; the autoscaler's
         # signals need one rate window of warm-up); the tests then report what is still empty
-        queries = dashboard_queries(cluster.dashboards, autoscaler_target, MODEL)
+        queries = dashboard_queries(DASHBOARDS, autoscaler_target, MODEL)
         queries += [("recording-rules.yaml", record, record) for record in recording_rules()]
         deadline = time.monotonic() + WARM_TIMEOUT_S
         while empty_queries(prometheus, queries) and time.monotonic() < deadline:
@@ -486,8 +468,6 @@ def test_every_dashboard_query_returns_data(stack, name):
 
 
 def test_autoscaler_dashboard_returns_data(stack):
-    if stack.autoscaler_skipped:
-        pytest.skip(f"autoscaler dashboard not checked: {stack.autoscaler_skipped}")
     empty = empty_queries(stack.prometheus, dashboard_queries(("pdserve-autoscaler.json",), stack.autoscaler_target, MODEL))
     assert not empty, "queries without data:\n" + "\n".join(empty)
     assert (RAY_DEPLOYMENTS["decode"], 3) in stack.ray.scaled, f"the autoscaler never actuated its bound: {stack.ray.scaled}"
@@ -501,7 +481,7 @@ def test_template_variables_list_the_model_and_the_autoscaler(stack):
         r.raise_for_status()
         return r.json()["data"]
 
-    for name in stack.dashboards:
+    for name in DASHBOARDS:
         for variable in dashboard(name)["templating"]["list"]:
             if variable["type"] != "query":
                 continue
