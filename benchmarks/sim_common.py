@@ -42,7 +42,7 @@ def png(name: str, suffix: str = "") -> Path:
 
 def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     """Rows as text: columns are (key, header, format)."""
-    widths = [max(len(h), *(len(format(r.get(k, ""), f)) for r in rows)) for k, h, f in columns]
+    widths = [max([len(h), *(len(format(r.get(k, ""), f)) for r in rows)]) for k, h, f in columns]
 
     def cell(text: str, fmt: str, width: int) -> str:
         return text.ljust(width) if not fmt else text.rjust(width)
