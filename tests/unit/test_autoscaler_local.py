@@ -13,7 +13,6 @@ import os
 import signal
 from pathlib import Path
 
-import grpc
 import pytest
 
 from autoscaler.actuators.base import ActuatorError
@@ -94,17 +93,6 @@ def test_start_scale_and_stop_real_workers(model_dir: Path, tmp_path: Path) -> N
     asyncio.run(body())
 
 
-def _set_role_implemented(address: str) -> bool:
-    from common.rpc import worker_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        try:  # the role it has already: a no-op where SetRole exists
-            pb_grpc.WorkerAdminStub(channel).SetRole(pb.SetRoleRequest(role=health(address).role), timeout=10)
-        except grpc.RpcError as e:
-            return e.code() != grpc.StatusCode.UNIMPLEMENTED
-    return True
-
-
 def test_flip_in_place(model_dir: Path, tmp_path: Path) -> None:
     changes = Changes()
     actuator = LocalActuator(str(model_dir), log_dir=tmp_path, worker_args=WORKER_ARGS, on_change=changes,
@@ -115,9 +103,6 @@ def test_flip_in_place(model_dir: Path, tmp_path: Path) -> None:
             await actuator.start(prefill=1, decode=2)
             flipped = actuator.workers()[-1]  # the newest decode worker goes
             pid = flipped.proc.proc.pid
-            if not _set_role_implemented(flipped.address):
-                assert await actuator.flip("prefill") is None  # the loop falls back to stop + start
-                pytest.xfail("WorkerAdmin.SetRole is not implemented by the workers yet")
             assert await actuator.flip("prefill") == flipped.instance_id
             assert await actuator.current() == {"prefill": 2, "decode": 1}
             assert health(flipped.address).role == "prefill"
