@@ -41,7 +41,7 @@ import openai
 import pytest
 import yaml
 
-from cli.processes import Proc, pdserve, worker
+from cli.processes import Proc, ServerProcess, pdserve, worker
 from common.rpc import worker_pb2 as pb
 from common.rpc import worker_pb2_grpc as pb_grpc
 from tests.dashboard_queries import (
@@ -219,36 +219,23 @@ def _wait_router_sees(url: str, prefill: int, decode: int, timeout_s: float = 30
     raise TimeoutError(f"the router at {url} does not see {prefill} prefill + {decode} decode workers")
 
 
-class Autoscaler:
+class Autoscaler(ServerProcess):
     """``pdserve autoscaler`` as a process (it prints no PDSERVE_READY line: ready once /metrics answers)."""
 
-    def __init__(self, args: list[str], log_path: Path, metrics_port: int, timeout_s: float = 60.0) -> None:
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "autoscaler", *args,
-                                          "--metrics-port", str(metrics_port)],
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the autoscaler did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
+    name = "pdserve autoscaler"
 
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+    def __init__(self, workdir: Path, args: list[str], metrics_port: int) -> None:
+        super().__init__(workdir, workdir / "autoscaler.log", sys.executable)
+        self.args, self.port = args, metrics_port  # the port Prometheus already scrapes
+
+    def command(self) -> list[str]:
+        return [self.binary, "-m", "cli.main", "autoscaler", *self.args, "--metrics-port", str(self.port)]
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
 
 # --- load ---------------------------------------------------------------------------------------------
@@ -371,7 +358,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     prefill_port, decode_ports, dead_port, metrics_ports = ports[0], ports[1:3], ports[3], ports[4:]
     dead_peer = f"127.0.0.1:{dead_port}"
     peers = ",".join([f"127.0.0.1:{p}" for p in (prefill_port, *decode_ports)] + [dead_peer])
-    procs: list[Proc | Autoscaler] = []
+    procs: list[Proc] = []
+    autoscaler: Autoscaler | None = None
     ray = FakeServe({RAY_DEPLOYMENTS[r]: n for r, n in (("prefill", 1), ("decode", 2))}, app=RAY_APP)
     stop = threading.Event()
     threads: list[threading.Thread] = []
@@ -406,11 +394,12 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         }, binary=binary), RULES)
         prometheus.start()
         # min = max = 3 decode replicas against the stub's 2: the first decision actuates a scale-up
-        procs.append(Autoscaler(["--prometheus-url", prometheus.url, "--interval-s", "1", "--rate-window-s", "8",
-                                 "--horizon-s", "5", "--actuator", "ray", "--ray-dashboard-url", ray.url,
-                                 "--ray-app-name", RAY_APP, "--no-advisory", "--min-decode", "3",
-                                 "--max-decode", "3", "--max-prefill", "2", "--scale-up-cooldown-s", "0",
-                                 "--scale-down-cooldown-s", "0"], work / "autoscaler.log", autoscaler_port))
+        autoscaler = Autoscaler(work, ["--prometheus-url", prometheus.url, "--interval-s", "1", "--rate-window-s", "8",
+                                       "--horizon-s", "5", "--actuator", "ray", "--ray-dashboard-url", ray.url,
+                                       "--ray-app-name", RAY_APP, "--no-advisory", "--min-decode", "3",
+                                       "--max-decode", "3", "--max-prefill", "2", "--scale-up-cooldown-s", "0",
+                                       "--scale-down-cooldown-s", "0"], autoscaler_port)
+        autoscaler.start(timeout_s=60)
         _wait_router_sees(router.address, 1, 2)
         # one scrape of every live target before the one-off events: their counters' 0 is on record
         prometheus.wait_for('count(up{job=~"pdserve-router|pdserve-workers"} == 1)', lambda v: v >= 4)
@@ -442,7 +431,9 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         stop.set()
         for t in threads:
             t.join(60)
-        for p in reversed(procs):  # autoscaler, router, then the workers
+        if autoscaler is not None:
+            autoscaler.stop(timeout_s=15)
+        for p in reversed(procs):  # router, then the workers
             p.stop(timeout=15)
         if prometheus is not None:
             prometheus.stop()
