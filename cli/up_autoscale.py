@@ -50,12 +50,13 @@ async def _main(args: argparse.Namespace, log_dir: Path) -> int:
     prometheus = None
     prometheus_url = getattr(args, "prometheus_url", None)
     if not prometheus_url:
-        if find_prometheus() is None:
+        binary = find_prometheus()
+        if binary is None:
             print("error: --autoscale needs Prometheus: install it (apt-get install prometheus) or pass "
                   "--prometheus-url", file=sys.stderr)
             return 2
         prometheus = LocalPrometheus(log_dir / "prometheus", file_sd=targets_file, scrape_interval_s=2.0,
-                                     binary=find_prometheus())
+                                     binary=binary)
         await asyncio.to_thread(prometheus.start)
         prometheus_url = prometheus.url
     config = build_config(AutoscalerConfig, args, actuator="local", prometheus_url=prometheus_url)

@@ -16,8 +16,6 @@ only when the binary is missing.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 import pytest
 
 from cli.processes import free_port  # noqa: F401 (re-exported for tests)
-from cli.prometheus import PROMETHEUS, LocalPrometheus
+from cli.prometheus import PROMETHEUS, LocalPrometheus, find_prometheus
 
 PrometheusServer = LocalPrometheus
 
@@ -33,7 +31,7 @@ PrometheusServer = LocalPrometheus
 @pytest.fixture(name="prometheus_factory")
 def prometheus_factory_fixture(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]]:
     """``make(targets, file_sd=None, scrape_interval_s=1.0)``: a started PrometheusServer, stopped after the test."""
-    binary = PROMETHEUS if os.access(PROMETHEUS, os.X_OK) else shutil.which("prometheus")
+    binary = find_prometheus()
     if binary is None:
         pytest.skip(f"prometheus not found at {PROMETHEUS} or on PATH (apt-get install prometheus)")
     servers: list[PrometheusServer] = []
