@@ -46,6 +46,13 @@ class Forecaster(Protocol):
         ...
 
 
+def _readings(signals: ScalingSignals) -> dict[str, float]:
+    """The forecast fields ``signals`` has values for (none when the whole read failed)."""
+    if signals.error:
+        return {}
+    return {name: value for name in FORECAST_FIELDS if math.isfinite(value := getattr(signals, name))}
+
+
 def _clamp(name: str, value: float) -> float:
     if math.isnan(value):
         return value
@@ -60,12 +67,7 @@ class LastValueForecaster:
         self._last: dict[str, float] = {}
 
     def observe(self, signals: ScalingSignals) -> None:
-        if signals.error:
-            return
-        for name in FORECAST_FIELDS:
-            value = getattr(signals, name)
-            if math.isfinite(value):
-                self._last[name] = value
+        self._last.update(_readings(signals))
 
     def predict(self, horizon_s: float) -> Forecast:
         return Forecast(horizon_s, **{n: _clamp(n, self._last.get(n, NAN)) for n in FORECAST_FIELDS})
@@ -91,12 +93,7 @@ class HoltForecaster:
         self._state: dict[str, _Holt] = {}
 
     def observe(self, signals: ScalingSignals) -> None:
-        if signals.error:
-            return
-        for name in FORECAST_FIELDS:
-            x = getattr(signals, name)
-            if not math.isfinite(x):
-                continue
+        for name, x in _readings(signals).items():
             s = self._state.get(name)
             if s is None:
                 self._state[name] = _Holt(level=x, time=signals.time)
