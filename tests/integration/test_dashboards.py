@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -42,6 +41,7 @@ import pytest
 import yaml
 
 from cli.processes import Proc, ServerProcess, pdserve, worker
+from cli.prometheus import find_prometheus
 from common.rpc import worker_pb2 as pb
 from common.rpc import worker_pb2_grpc as pb_grpc
 from tests.dashboard_queries import (
@@ -339,7 +339,7 @@ def _set_role(address: str, role: str, drain_timeout_s: float) -> pb.SetRoleResp
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    binary = PROMETHEUS if os.access(PROMETHEUS, os.X_OK) else shutil.which("prometheus")
+    binary = find_prometheus()
     if binary is None:
         pytest.skip(f"prometheus not found at {PROMETHEUS} or on PATH (apt-get install prometheus)")
     from engine.demo_model import write_demo_model
