@@ -242,9 +242,7 @@ class KVProducer:
             return
         t.bytes_sent += len(message) if header.shm_name == "" else header.payload_bytes
         self.loop.call_soon_threadsafe(t.queues[layer % t.num_streams].put_nowait, message)
-        flush = getattr(t.sink, "flush", None)  # transports whose data follows its header (NCCL)
-        if flush is not None:
-            flush()
+        t.sink.flush()
 
     def end_step(self) -> None:
         for p in self._planned:

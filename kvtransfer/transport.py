@@ -40,6 +40,10 @@ class PayloadSink(Protocol):
         """Send (or stage) the payload of ``src_block_ids``; return the serialized control message."""
         ...
 
+    def flush(self) -> None:
+        """The control messages emitted so far are queued: send what must follow them (NCCL's data)."""
+        ...
+
     def close(self, completed: bool = True) -> None:
         """The transfer ended (``completed``: its consumer collected everything)."""
         ...
@@ -80,6 +84,9 @@ class GrpcSink:
 
     def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]) -> bytes:
         return encode_chunk(header, payload_views(layer_cache, src_block_ids), checksum=self.checksum)
+
+    def flush(self) -> None:
+        pass  # the payload travels inside the message
 
     def close(self, completed: bool = True) -> None:
         pass
@@ -189,6 +196,9 @@ class LocalSink:
         header.shm_offset = self.offset
         self.offset = pos
         return encode_chunk(header, parts, checksum=self.checksum, inline=False)
+
+    def flush(self) -> None:
+        pass  # the payload is in shared memory before the message is queued
 
     def close(self, completed: bool = True) -> None:
         self._map.close()
