@@ -43,9 +43,10 @@ from ray.serve import Application
 
 from common.config import EngineConfig, RouterConfig, WorkerConfig, build_config
 from common.errors import ConfigError
-from ray_serve.router_app import RouterApp
+from common.tls import load_tls
 from ray_serve.worker_process import WorkerProcess, config_flags
 from router.routing_config import RoutingConfig
+from router.server import RouterApp
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ class RouterIngress:
         instance = f"{context.deployment}-{context.replica_tag}"
         config = build_config(RouterConfig, **parsed.router_options(instance))
         self._pools = {"prefill": prefill, "decode": decode}
-        self._app = await RouterApp.start(config, build_config(RoutingConfig, **parsed.routing), instance=instance)
+        self._app = await RouterApp.start(config, build_config(RoutingConfig, **parsed.routing), instance=instance,
+                                          tls=load_tls())  # PDSERVE_TLS_*, as the workers get them
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._app.asgi

@@ -17,6 +17,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import uvicorn
@@ -32,7 +33,7 @@ from router.cluster_state import ClusterState
 from router.cost_model import CostModel
 from router.discovery import Discovery, FileDiscovery, RedisDiscovery, StaticDiscovery, parse_static
 from router.grpc_api import CompletionsService
-from router.http_api import ApiSettings, create_app
+from router.http_api import ApiSettings, GuardMiddleware, create_app
 from router.length_predictor import PrefixHistoryPredictor
 from router.routing_config import RoutingConfig
 from router.service import Router, RouterLimits
@@ -99,59 +100,88 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass
+class RouterApp:
+    """A router's parts and its guarded ASGI app, without a socket or signal handlers: :func:`serve` runs it
+    under uvicorn, a Ray Serve ingress replica hands ``asgi`` to Serve's proxy (``ray_serve/app.py``)."""
+
+    asgi: Any
+    router: Router
+    tokenizer: Tokenizer
+    keys: ApiKeys
+    served_model_name: str
+    max_model_len: int
+    vocab_size: int
+    pool: WorkerPool
+    discovery: Discovery
+    shared: Any
+
+    @classmethod
+    async def start(cls, config: RouterConfig, routing: RoutingConfig, *, instance: str, block_size: int = 16,
+                    tls: TlsConfig | None = None) -> RouterApp:
+        """Load the tokenizer and the model's shape, start discovery, the worker pool and the shared state,
+        and build the app (API keys, body limit)."""
+        tokenizer = Tokenizer.from_dir(config.model)
+        shape = ModelShape.from_dir(config.model)
+        max_model_len = min(config.max_model_len or shape.max_position_embeddings, shape.max_position_embeddings)
+        vocab_size = max(shape.vocab_size, tokenizer.vocab_size)
+        served = config.served_model_name or Path(config.model).name
+        if config.cost_model:
+            cost = CostModel.load(config.cost_model)
+        else:
+            cost = CostModel.load(DEFAULT_COST_MODEL)
+            logger.warning("no --cost-model: using %s (%s); run `pdserve profile` against your workers",
+                           DEFAULT_COST_MODEL.name, cost.source)
+        state = ClusterState(cost=cost, block_size=block_size, kv_bytes_per_token=shape.kv_bytes_per_token)
+        pool = WorkerPool(state, load_interval_ms=config.load_interval_ms, tls=tls)
+        discovery = make_discovery(config)
+        discovery.on_change(pool.update)
+        await discovery.start()
+        pool.update(discovery.endpoints())
+        shared = None
+        if config.redis_url:
+            from router.shared_state import RedisState
+
+            shared = RedisState(config.redis_url, instance)
+            await shared.start()
+        router = Router(
+            tokenizer=tokenizer, state=state, pool=pool, cost=cost, routing=routing,
+            predictor=PrefixHistoryPredictor(),
+            limits=RouterLimits(max_concurrency=config.max_concurrency, max_migrations=config.max_migrations,
+                                request_timeout_s=config.request_timeout_s,
+                                kv_transport=TRANSPORTS[config.kv_transport], kv_num_streams=config.kv_num_streams),
+            block_size=block_size, labels={"model": served, "instance": instance}, shared=shared)
+        keys = ApiKeys.load(file=config.api_keys_file or None, keys=config.api_keys)
+        settings = ApiSettings(served_model_name=served, max_model_len=max_model_len, max_n=config.max_n,
+                               max_body_bytes=config.max_body_bytes, instance=instance, vocab_size=vocab_size)
+        app = create_app(router, tokenizer, settings, keys=keys, ready=lambda: bool(pool.healthy("decode")))
+        asgi = GuardMiddleware(app, keys=keys, max_body_bytes=config.max_body_bytes)
+        return cls(asgi=asgi, router=router, tokenizer=tokenizer, keys=keys, served_model_name=served,
+                   max_model_len=max_model_len, vocab_size=vocab_size, pool=pool, discovery=discovery,
+                   shared=shared)
+
+    async def close(self) -> None:
+        await self.discovery.stop()
+        await self.pool.close()
+        if self.shared is not None:
+            await self.shared.stop()
+
+
 async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int = 16,
                 tls: TlsConfig | None = None) -> None:
-    tokenizer = Tokenizer.from_dir(config.model)
-    shape = ModelShape.from_dir(config.model)
-    max_model_len = min(config.max_model_len or shape.max_position_embeddings, shape.max_position_embeddings)
-    served = config.served_model_name or Path(config.model).name
-    if config.cost_model:
-        cost = CostModel.load(config.cost_model)
-    else:
-        cost = CostModel.load(DEFAULT_COST_MODEL)
-        logger.warning("no --cost-model: using %s (%s); run `pdserve profile` against your workers",
-                       DEFAULT_COST_MODEL.name, cost.source)
-    state = ClusterState(cost=cost, block_size=block_size, kv_bytes_per_token=shape.kv_bytes_per_token)
-    pool = WorkerPool(state, load_interval_ms=config.load_interval_ms, tls=tls)
-    discovery = make_discovery(config)
-    discovery.on_change(pool.update)
-    await discovery.start()
-    pool.update(discovery.endpoints())
     sock = _bind(config.host, config.port)
     port = sock.getsockname()[1]
     instance = config.router_id or f"{config.host}:{port}"
-    shared = None
-    if config.redis_url:
-        from router.shared_state import RedisState
-
-        shared = RedisState(config.redis_url, instance)
-        await shared.start()
-    router = Router(
-        tokenizer=tokenizer, state=state, pool=pool, cost=cost, routing=routing, predictor=PrefixHistoryPredictor(),
-        limits=RouterLimits(max_concurrency=config.max_concurrency, max_migrations=config.max_migrations,
-                            request_timeout_s=config.request_timeout_s, kv_transport=TRANSPORTS[config.kv_transport],
-                            kv_num_streams=config.kv_num_streams),
-        block_size=block_size, labels={"model": served, "instance": instance}, shared=shared)
-    keys = ApiKeys.load(file=config.api_keys_file or None, keys=config.api_keys)
-    settings = ApiSettings(served_model_name=served, max_model_len=max_model_len, max_n=config.max_n,
-                           max_body_bytes=config.max_body_bytes, instance=instance,
-                           vocab_size=max(shape.vocab_size, tokenizer.vocab_size))
-
-    def ready() -> bool:
-        return bool(pool.healthy("decode"))
-
-    app = create_app(router, tokenizer, settings, keys=keys, ready=ready)
-    from router.http_api import GuardMiddleware
-
-    guarded = GuardMiddleware(app, keys=keys, max_body_bytes=config.max_body_bytes)
-    server = uvicorn.Server(uvicorn.Config(guarded, log_level="warning", access_log=False, lifespan="off",
+    parts = await RouterApp.start(config, routing, instance=instance, block_size=block_size, tls=tls)
+    served = parts.served_model_name
+    server = uvicorn.Server(uvicorn.Config(parts.asgi, log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=30, timeout_keep_alive=config.keep_alive_s))
     grpc_server = None
     if config.grpc_port is not None:
         grpc_server = grpc.aio.server()
         api_grpc.add_CompletionsServicer_to_server(CompletionsService(
-            router, tokenizer, served_model_name=served, max_model_len=max_model_len, max_n=config.max_n,
-            keys=keys, vocab_size=max(shape.vocab_size, tokenizer.vocab_size)), grpc_server)
+            parts.router, parts.tokenizer, served_model_name=served, max_model_len=parts.max_model_len,
+            max_n=config.max_n, keys=parts.keys, vocab_size=parts.vocab_size), grpc_server)
         grpc_port = grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
         await grpc_server.start()
         logger.info("gRPC API on %s:%d", config.host, grpc_port)
@@ -172,10 +202,7 @@ async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int
     await serve_task
     if grpc_server is not None:
         await grpc_server.stop(grace=5)
-    await discovery.stop()
-    await pool.close()
-    if shared is not None:
-        await shared.stop()
+    await parts.close()
 
 
 def run(config: RouterConfig, routing: RoutingConfig, tls: TlsConfig | None = None) -> int:
