@@ -285,6 +285,16 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_
     return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
 
 
+def kv_capacity_tokens(*, hbm_gb: float, num_gpus: int, num_params: float, kv_bytes: int,
+                       bytes_per_param: float = 2.0, memory_utilization: float = 0.9,
+                       field: str = "memory_utilization") -> int:
+    """Tokens of KV that fit next to the weights in ``memory_utilization`` of an instance's HBM."""
+    free = hbm_gb * 1e9 * num_gpus * memory_utilization - num_params * bytes_per_param
+    if free <= 0:
+        raise ConfigError("the weights do not fit in HBM", field=field)
+    return int(free // kv_bytes)
+
+
 def cost_model_from_datasheet(*, peak_flops: float, hbm_bandwidth_gbps: float, num_params: float,
                               num_layers: int, hidden_size: int, kv_bytes_per_token: int,
                               bytes_per_param: float = 2.0, num_gpus: int = 1, mfu: float = 0.5,
@@ -308,10 +318,9 @@ def cost_model_from_datasheet(*, peak_flops: float, hbm_bandwidth_gbps: float, n
     weight_bytes = num_params * bytes_per_param
     capacity = 0
     if hbm_capacity_gb is not None:
-        free = hbm_capacity_gb * 1e9 * num_gpus * memory_utilization - weight_bytes
-        if free <= 0:
-            raise ConfigError("the weights do not fit in HBM", field="hbm_capacity_gb")
-        capacity = int(free // kv_bytes_per_token)
+        capacity = kv_capacity_tokens(hbm_gb=hbm_capacity_gb, num_gpus=num_gpus, num_params=num_params,
+                                      kv_bytes=kv_bytes_per_token, bytes_per_param=bytes_per_param,
+                                      memory_utilization=memory_utilization, field="hbm_capacity_gb")
     return CostModel(
         prefill_per_token_s=2 * num_params / flops,
         prefill_attn_s=2 * num_layers * hidden_size / flops,

@@ -28,6 +28,7 @@ from router.cost_model import (
     cost_model_from_datasheet,
     cost_model_from_splitwise,
     kv_bytes_per_token,
+    kv_capacity_tokens,
 )
 from router.routing_config import RoutingConfig
 from simulator.config import EngineSpec, SimConfig
@@ -81,15 +82,6 @@ class Calibration:
     kv_bytes_per_token: int
     gpus_per_instance: int
     source: str
-
-
-def kv_capacity_tokens(*, hbm_gb: float, num_gpus: int, num_params: float, kv_bytes: int,
-                       bytes_per_param: float = 2.0, memory_utilization: float = 0.9) -> int:
-    """Tokens of KV that fit next to the weights in ``memory_utilization`` of the instance's HBM."""
-    free = hbm_gb * 1e9 * num_gpus * memory_utilization - num_params * bytes_per_param
-    if free <= 0:
-        raise ConfigError("the weights do not fit in HBM", field="memory_utilization")
-    return int(free // kv_bytes)
 
 
 def from_profile(path: str | Path, *, kv_bytes: int, kv_capacity_tokens: int, gpus_per_instance: int = 1
