@@ -85,9 +85,10 @@ def worker(role: str, model_dir: Path, log_dir: Path, *extra: str, name: str | N
                    log_dir / f"{name or role}.log")
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on at ``host`` right now."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 import grpc
 
 from autoscaler.actuators.base import ROLES, ActuatorError, check_role, other_role
-from cli.processes import Proc, pdserve
+from cli.processes import Proc, free_port, pdserve
 from common.errors import ConfigError
 from common.rpc import worker_pb2 as pb
 from common.rpc import worker_pb2_grpc as pb_grpc
@@ -46,12 +45,6 @@ from router.discovery import WorkerEndpoint
 logger = logging.getLogger(__name__)
 
 OnChange = Callable[[list[WorkerEndpoint]], Any]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass(slots=True)
