@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
@@ -43,6 +44,24 @@ def endpoints_from_slice(obj: dict[str, Any], role: str, port_name: str) -> list
         instance_id = (ep.get("targetRef") or {}).get("name") or address
         out.append(WorkerEndpoint(instance_id, role, address))
     return out
+
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def default_namespace(kubeconfig: str | None = None) -> str:
+    """This pod's namespace, else the kubeconfig context's, else ``default`` (as kubectl does)."""
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    except OSError:
+        pass
+    from kubernetes import config
+
+    try:
+        _, context = config.list_kube_config_contexts(config_file=kubeconfig)
+        return (context or {}).get("context", {}).get("namespace") or "default"
+    except (config.ConfigException, OSError, TypeError):
+        return "default"
 
 
 def load_kubernetes_client(kubeconfig: str | None = None) -> Any:

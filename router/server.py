@@ -76,21 +76,10 @@ def make_discovery(config: RouterConfig) -> Discovery:
         return RedisDiscovery(config.redis_url)
     if config.discovery == "file":
         return FileDiscovery(config.workers_file)
-    from router.discovery_k8s import KubernetesDiscovery
+    from router.discovery_k8s import KubernetesDiscovery, default_namespace
 
-    return KubernetesDiscovery(config.k8s_namespace or pod_namespace(), prefill_selector=config.k8s_prefill_selector,
+    return KubernetesDiscovery(config.k8s_namespace or default_namespace(), prefill_selector=config.k8s_prefill_selector,
                                decode_selector=config.k8s_decode_selector, port_name=config.k8s_port_name)
-
-
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-
-
-def pod_namespace() -> str:
-    """The namespace of the pod this runs in (its service account says), for Kubernetes discovery."""
-    try:
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
-    except OSError as e:
-        raise ConfigError("not running in a pod: set it explicitly", field="k8s_namespace") from e
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -37,33 +37,17 @@ import asyncio
 import json
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from autoscaler.actuators.base import DECODE, PREFILL, ROLES, ActuatorError, check_role
 from autoscaler.config import AutoscalerConfig
 from common.errors import ConfigError, PdserveError, PermissionDeniedError
+from router.discovery_k8s import default_namespace
 
 logger = logging.getLogger(__name__)
 
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 PATCH_CONTENT_TYPE = "application/merge-patch+json"
 RBAC_RULE = 'apiGroups: ["apps"], resources: ["deployments/scale"], verbs: ["get", "patch"]'
-
-
-def default_namespace(kubeconfig: str | None = None) -> str:
-    """This pod's namespace, else the kubeconfig context's, else ``default`` (as kubectl does)."""
-    try:
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
-    except OSError:
-        pass
-    from kubernetes import config
-
-    try:
-        _, context = config.list_kube_config_contexts(config_file=kubeconfig)
-        return (context or {}).get("context", {}).get("namespace") or "default"
-    except (config.ConfigException, OSError, TypeError):
-        return "default"
 
 
 def _message(e: Any) -> str:
