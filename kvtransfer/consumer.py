@@ -200,7 +200,7 @@ class KVConsumer:
                     raise KVTransferError(f"chunk writes block {b}, not reserved or already written",
                                           code="checksum")
             received.update(ids)
-        nbytes = state.source.apply(header, inline, self.kv_caches[header.layer], layout)
+        nbytes = state.source.apply(header, inline, self.kv_caches, layout)
         with state.lock:
             state.num_chunks += 1
             state.num_bytes += nbytes

@@ -212,7 +212,7 @@ class NcclSource:
     def transport_params(self) -> bytes:
         return self._params
 
-    def apply(self, header: pb.KVChunkHeader, inline: memoryview, layer_cache: torch.Tensor, layout: KVLayout
+    def apply(self, header: pb.KVChunkHeader, inline: memoryview, kv_caches: list[torch.Tensor], layout: KVLayout
               ) -> int:
         channel = self._channel.result(timeout=INIT_TIMEOUT_S)
         ids = list(header.block_ids)
@@ -225,8 +225,8 @@ class NcclSource:
                                       code="incomplete")
             with torch.cuda.stream(channel.stream):  # straight into the reserved blocks: no staging
                 for start, end in contiguous_runs(ids):
-                    channel.recv(layer_cache[0, start:end])
-                    channel.recv(layer_cache[1, start:end])
+                    channel.recv(kv_caches[header.layer][0, start:end])
+                    channel.recv(kv_caches[header.layer][1, start:end])
                 self._last = torch.cuda.Event()
                 self._last.record(channel.stream)
             self._next_sequence += 1

@@ -56,9 +56,10 @@ class PayloadSource(Protocol):
         """What the producer needs to reach this source (sent in ``PrefillRequest``)."""
         ...
 
-    def apply(self, header: pb.KVChunkHeader, inline: memoryview, layer_cache: torch.Tensor, layout: KVLayout
+    def apply(self, header: pb.KVChunkHeader, inline: memoryview, kv_caches: list[torch.Tensor], layout: KVLayout
               ) -> int:
-        """Write a received chunk's (verified) payload into its blocks; returns the payload bytes."""
+        """Write a received chunk's (verified) payload into its blocks of ``kv_caches[header.layer]`` (and of the
+        following layers when the header covers several); returns the payload bytes."""
         ...
 
     def finish(self, timeout_s: float) -> None:
@@ -96,10 +97,10 @@ class GrpcSource:
     def transport_params(self) -> bytes:
         return b""
 
-    def apply(self, header: pb.KVChunkHeader, inline: memoryview, layer_cache: torch.Tensor, layout: KVLayout
+    def apply(self, header: pb.KVChunkHeader, inline: memoryview, kv_caches: list[torch.Tensor], layout: KVLayout
               ) -> int:
         _check_size(header, layout, inline.nbytes)  # the codec already verified the checksum
-        write_payload(layer_cache, list(header.block_ids), inline, layout)
+        write_payload(kv_caches[header.layer], list(header.block_ids), inline, layout)
         return inline.nbytes
 
     def finish(self, timeout_s: float) -> None:
@@ -138,11 +139,11 @@ class LocalSource:
     def transport_params(self) -> bytes:
         return self.name.encode()
 
-    def apply(self, header: pb.KVChunkHeader, inline: memoryview, layer_cache: torch.Tensor, layout: KVLayout
+    def apply(self, header: pb.KVChunkHeader, inline: memoryview, kv_caches: list[torch.Tensor], layout: KVLayout
               ) -> int:
         view = self._payload(header)
         _check_size(header, layout, view.nbytes)
-        write_payload(layer_cache, list(header.block_ids), view, layout)
+        write_payload(kv_caches[header.layer], list(header.block_ids), view, layout)
         return view.nbytes
 
     def finish(self, timeout_s: float) -> None:
