@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from common.rpc import worker_pb2 as pb
@@ -81,7 +82,35 @@ def payload_views(layer_cache: torch.Tensor, block_ids: list[int]) -> list[memor
 
 def write_payload(layer_cache: torch.Tensor, block_ids: list[int], payload: memoryview | bytes,
                   layout: KVLayout) -> None:
-    """Copy a payload into ``block_ids`` of one layer cache (the consumer's side)."""
+    """Copy a payload into ``block_ids`` of one layer cache (the consumer's side).
+
+    A contiguous host cache takes byte copies with numpy, which release the GIL and stay on the calling
+    thread; ``Tensor.copy_`` would start an OpenMP team per call that spins for cores the gRPC threads
+    need. Any other cache goes through :func:`write_payload_torch`, the reference."""
+    if layer_cache.device.type != "cpu" or not layer_cache.is_contiguous():
+        write_payload_torch(layer_cache, block_ids, payload, layout)
+        return
+    block_bytes = layout.block_bytes
+    src = np.frombuffer(payload, dtype=np.uint8)
+    if src.nbytes != 2 * len(block_ids) * block_bytes:
+        raise ValueError(f"payload of {src.nbytes} bytes for {len(block_ids)} blocks")
+    num_blocks = layer_cache.shape[1]
+    runs = contiguous_runs(block_ids)
+    if any(start < 0 or end > num_blocks for start, end in runs):
+        raise ValueError(f"block ids outside the cache's {num_blocks} blocks")
+    dst = layer_cache.view(-1).view(torch.uint8).numpy()  # the layer's bytes: K of every block, then V
+    offset = 0
+    for kv in (0, 1):
+        base = kv * num_blocks * block_bytes
+        for start, end in runs:
+            size = (end - start) * block_bytes
+            np.copyto(dst[base + start * block_bytes:base + end * block_bytes], src[offset:offset + size])
+            offset += size
+
+
+def write_payload_torch(layer_cache: torch.Tensor, block_ids: list[int], payload: memoryview | bytes,
+                        layout: KVLayout) -> None:
+    """The reference (and device) path of :func:`write_payload`: ``copy_`` per contiguous run."""
     n = len(block_ids)
     with warnings.catch_warnings():  # the view is only read from; a read-only buffer is fine
         warnings.filterwarnings("ignore", message="The given buffer is not writable")

@@ -12,7 +12,7 @@ import torch
 from common.errors import KVTransferError
 from common.rpc import worker_pb2 as pb
 from kvtransfer.codec import decode_message, encode_chunk, seal_done
-from kvtransfer.layout import KVLayout, contiguous_runs, payload_views, write_payload
+from kvtransfer.layout import KVLayout, contiguous_runs, payload_views, write_payload, write_payload_torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,6 +61,28 @@ def test_bfloat16_payload():
     dst = torch.zeros_like(src)
     write_payload(dst, [0, 1], payload, layout)
     assert torch.equal(dst[:, :2], src[:, 2:])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_host_write_agrees_with_the_torch_reference(dtype):
+    layout = KVLayout(num_layers=1, block_size=4, num_kv_heads=2, head_dim=8, dtype=dtype)
+    src = _cache(layout, 12).to(layout.torch_dtype)
+    payload = b"".join(payload_views(src, [5, 6, 7, 0, 11, 2]))
+    fast, reference = torch.zeros_like(src), torch.zeros_like(src)
+    dest = [9, 10, 3, 4, 5, 0]
+    write_payload(fast, dest, memoryview(payload), layout)
+    write_payload_torch(reference, dest, memoryview(payload), layout)
+    assert torch.equal(fast, reference) and torch.equal(fast[:, dest], src[:, [5, 6, 7, 0, 11, 2]])
+
+
+@pytest.mark.parametrize("dest,nbytes", [([3, 4], None), ([-1, 0], None), ([0, 1], 100)])
+def test_host_write_refuses_what_does_not_fit(dest, nbytes):
+    layout = KVLayout(num_layers=1, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+    cache = torch.zeros(2, 4, 4, 2, 8)
+    payload = bytes(nbytes if nbytes is not None else 2 * 2 * layout.block_bytes)
+    with pytest.raises(ValueError):
+        write_payload(cache, dest, payload, layout)
+    assert cache.abs().sum() == 0
 
 
 @pytest.mark.parametrize("where", ["header", "payload", "length"])
