@@ -93,6 +93,14 @@ def encode_chunk(header: pb.KVChunkHeader, parts: Sequence[memoryview | bytes], 
     With ``inline=False`` the payload travels elsewhere (shared memory, NCCL):
     the header still states its size and checksum, the message omits it.
     """
+    frame = encode_chunk_frame(header, parts, checksum=checksum, inline=inline)
+    return b"".join([frame, *parts]) if inline and header.payload_bytes else frame
+
+
+def encode_chunk_frame(header: pb.KVChunkHeader, parts: Sequence[memoryview | bytes], *, checksum: bool,
+                       inline: bool = True) -> bytes:
+    """The bytes of :func:`encode_chunk`'s message that precede the payload (all of them when it has none):
+    the checksums are taken now, the payload can be appended later."""
     size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
     header.payload_bytes = size
     header.payload_checksum = payload_checksum(parts) if checksum else 0
@@ -101,7 +109,7 @@ def encode_chunk(header: pb.KVChunkHeader, parts: Sequence[memoryview | bytes], 
     if not inline or not size:
         return _TAG_1_LEN + _varint(len(inner)) + inner
     inner += _TAG_2_LEN + _varint(size)
-    return b"".join([_TAG_1_LEN, _varint(len(inner) + size), inner, *parts])
+    return _TAG_1_LEN + _varint(len(inner) + size) + inner
 
 
 def encode_header(header: pb.KVChunkHeader) -> bytes:

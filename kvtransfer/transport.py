@@ -29,15 +29,17 @@ import torch
 
 from common.errors import InvalidRequestError, KVTransferError
 from common.rpc import worker_pb2 as pb
-from kvtransfer.codec import encode_chunk, payload_checksum
+from kvtransfer.codec import encode_chunk, encode_chunk_frame, payload_checksum
 from kvtransfer.layout import KVLayout, payload_views, write_payload
 
 
 class PayloadSink(Protocol):
     """Producer half. ``emit`` runs on the engine thread right after a layer finished."""
 
-    def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]) -> bytes:
-        """Send (or stage) the payload of ``src_block_ids``; return the serialized control message."""
+    def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]
+             ) -> bytes | DeferredChunk:
+        """Send (or stage) the payload of ``src_block_ids``; return the control message: its bytes, or a
+        :class:`DeferredChunk` that makes them when gRPC sends it."""
         ...
 
     def flush(self) -> None:
@@ -79,18 +81,45 @@ def _check_size(header: pb.KVChunkHeader, layout: KVLayout, nbytes: int) -> None
 # --- grpc: payload inline -----------------------------------------------------------------------
 
 
+class DeferredChunk:
+    """A chunk message whose payload is copied out of the cache when gRPC serializes it, not when the layer
+    finished: the engine thread may queue a whole prompt's chunks at once, and copies of all of them would be
+    that much fresh memory, page-faulted in for every transfer.
+
+    Its checksums were taken at ``emit``, so a payload that changed in between fails the consumer's check;
+    and it refuses to serialize once its sink closed, when the blocks may already belong to someone else.
+    Serializing and closing both happen on the event loop."""
+
+    __slots__ = ("frame", "parts", "sink", "nbytes")
+
+    def __init__(self, frame: bytes, parts: list[memoryview], sink: GrpcSink) -> None:
+        self.frame, self.parts, self.sink = frame, parts, sink
+        self.nbytes = len(frame) + sum(p.nbytes for p in parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def SerializeToString(self) -> bytes:  # the name gRPC handlers call on a response message
+        if self.sink.closed:
+            raise KVTransferError("the transfer ended before its chunk was sent")
+        return b"".join([self.frame, *self.parts])
+
+
 class GrpcSink:
     def __init__(self, checksum: bool) -> None:
         self.checksum = checksum
+        self.closed = False
 
-    def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]) -> bytes:
-        return encode_chunk(header, payload_views(layer_cache, src_block_ids), checksum=self.checksum)
+    def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]
+             ) -> DeferredChunk:
+        parts = payload_views(layer_cache, src_block_ids)
+        return DeferredChunk(encode_chunk_frame(header, parts, checksum=self.checksum), parts, self)
 
     def flush(self) -> None:
         pass  # the payload travels inside the message
 
     def close(self, completed: bool = True) -> None:
-        pass
+        self.closed = True
 
 
 class GrpcSource:
