@@ -54,6 +54,7 @@ class TransferResult:
     num_prefill_cached_tokens: int
     prefill_queue_s: float = 0.0  # of ``seconds``, as the prefill worker measured them
     prefill_compute_s: float = 0.0
+    device_receive_s: float | None = None  # GPU transports: first posted receive -> last one landed
 
 
 @dataclass(slots=True)
@@ -127,11 +128,13 @@ class KVConsumer:
         calls += [stream_kv(pb.StreamKVRequest(request_id=request_id, stream_index=i), timeout=timeout_s)
                   for i in range(1, num_streams)]
         tasks = [asyncio.create_task(self._drain(call, state)) for call in calls]
+        receive_s = None
         try:
             async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a racing cancellation
                 await asyncio.gather(*tasks)
                 if state.done is not None:  # GPU transports: the last chunks may still be landing
-                    await asyncio.to_thread(source.finish, max(0.0, timeout_s - (time.monotonic() - start)))
+                    receive_s = await asyncio.to_thread(source.finish,
+                                                        max(0.0, timeout_s - (time.monotonic() - start)))
         except TimeoutError as e:
             raise KVTransferError(f"transfer of {request_id} timed out after {timeout_s}s", code="timeout") from e
         except grpc.aio.AioRpcError as e:
@@ -156,7 +159,8 @@ class KVConsumer:
             lp = done.first_logprob
             logprobs = TokenLogprobs(lp.token_id, lp.logprob, list(lp.top_ids), list(lp.top_logprobs))
         return TransferResult(done.first_token_id, logprobs, state.num_chunks, state.num_bytes,
-                              time.monotonic() - start, done.num_prefill_cached_tokens, done.queue_s, done.compute_s)
+                              time.monotonic() - start, done.num_prefill_cached_tokens, done.queue_s, done.compute_s,
+                              receive_s)
 
     async def _drain(self, call: grpc.aio.UnaryStreamCall, state: _State) -> None:
         # Up to APPLY_AHEAD chunks are applied while the next ones are read: awaiting each copy before
@@ -188,18 +192,22 @@ class KVConsumer:
         layout = self.layout
         if header.request_id != state.request_id:
             raise KVTransferError("chunk names another request", code="checksum")
-        if header.layer >= layout.num_layers or header.dtype != layout.dtype:
-            raise KVTransferError(f"chunk for layer {header.layer} dtype {header.dtype} does not fit", code="checksum")
+        layers = range(header.layer, header.layer + max(1, header.num_layers))
+        if layers.stop > layout.num_layers or header.dtype != layout.dtype:
+            raise KVTransferError(f"chunk for layers {layers.start}..{layers.stop - 1} dtype {header.dtype} "
+                                  "does not fit", code="checksum")
         ids = list(header.block_ids)
         if list(header.shape) != layout.chunk_shape(len(ids)):
             raise KVTransferError(f"chunk shape {list(header.shape)} does not fit", code="checksum")
-        received = state.received[header.layer]
         with state.lock:
-            for b in ids:
-                if b not in state.dest or b in received:
-                    raise KVTransferError(f"chunk writes block {b}, not reserved or already written",
-                                          code="checksum")
-            received.update(ids)
+            for layer in layers:
+                received = state.received[layer]
+                for b in ids:
+                    if b not in state.dest or b in received:
+                        raise KVTransferError(f"chunk writes block {b} of layer {layer}, not reserved or already "
+                                              "written", code="checksum")
+            for layer in layers:
+                state.received[layer].update(ids)
         nbytes = state.source.apply(header, inline, self.kv_caches, layout)
         with state.lock:
             state.num_chunks += 1

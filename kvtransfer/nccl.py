@@ -10,14 +10,17 @@ a pooled one is named by its key (``U`` + key), and a producer that does not
 know the key refuses the transfer (the consumer recomputes and drops the
 channel).
 
-On the producer, each finished layer's blocks are gathered into a staging
-buffer on the compute stream and sent on the channel's stream, so the send
-overlaps the next layers' compute; the chunk header (with no payload) goes
-down the Prefill stream as usual. On the consumer, each header posts the
-matching receive on the channel's stream, in header order, and scatters the
-staging buffer into the reserved blocks. ``finish`` waits, with a deadline,
-for the last scatter; a transfer that fails or times out aborts its channel.
-GPU payloads carry no checksum (headers do).
+Control never waits on data, and data never waits on control per layer. At
+the start of each engine step the producer announces, in one header down the
+Prefill stream, the blocks the step will send of every layer; the consumer
+posts all of that step's receives on the channel's stream at once, straight
+into the reserved blocks. Then, after each layer, the producer gathers that
+layer's blocks into a staging buffer on the compute stream and sends it on the
+channel's stream, overlapping the next layers' compute. A layer's operations
+(K and V of each contiguous run of destination blocks) form one NCCL group on
+both sides. ``finish`` waits, with a deadline, for the last receive; a transfer
+that fails or times out aborts its channel. GPU payloads carry no checksum
+(headers do).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 from common.errors import InvalidRequestError, KVTransferError
 from common.rpc import worker_pb2 as pb
 from kvtransfer.codec import encode_header
-from kvtransfer.layout import KVLayout, contiguous_runs
+from kvtransfer.layout import DTYPES, KVLayout, contiguous_runs
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +82,27 @@ class Channel:
         self.stream.synchronize()
 
     def send(self, tensor: torch.Tensor) -> None:
-        with self._cupy_device:
-            self.comm.send(tensor.data_ptr(), tensor.numel() * tensor.element_size(), self._nccl.NCCL_UINT8,
-                           1 - self.rank, self.stream.cuda_stream)
+        self.send_group([tensor])
 
     def recv(self, tensor: torch.Tensor) -> None:
+        self.recv_group([tensor])
+
+    def send_group(self, tensors: list[torch.Tensor]) -> None:
+        """Enqueue sends of ``tensors`` (contiguous) on this channel's stream, as one NCCL group."""
+        self._group(self.comm.send, tensors)
+
+    def recv_group(self, tensors: list[torch.Tensor]) -> None:
+        self._group(self.comm.recv, tensors)
+
+    def _group(self, op, tensors: list[torch.Tensor]) -> None:
         with self._cupy_device:
-            self.comm.recv(tensor.data_ptr(), tensor.numel() * tensor.element_size(), self._nccl.NCCL_UINT8,
-                           1 - self.rank, self.stream.cuda_stream)
+            self._nccl.groupStart()
+            try:
+                for t in tensors:
+                    op(t.data_ptr(), t.numel() * t.element_size(), self._nccl.NCCL_UINT8, 1 - self.rank,
+                       self.stream.cuda_stream)
+            finally:
+                self._nccl.groupEnd()
 
     def abort(self) -> None:
         self.broken = True
@@ -107,46 +123,50 @@ _producer_channels: dict[str, Channel] = {}
 
 
 class NcclSink:
-    max_chunk_bytes = 1 << 40  # no payload travels in the message: one chunk per layer and step
+    announces_steps = True
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        self._ids: dict[tuple[int, ...], torch.Tensor] = {}  # a step sends the same blocks of every layer
-        self._pending: list[tuple[torch.Tensor, torch.cuda.Event, list[tuple[int, int]]]] = []
+        self._ids: torch.Tensor | None = None  # the announced step's source blocks, on the device
+        self._runs: list[tuple[int, int]] = []  # ... and the consumer's contiguous runs they land in
 
     def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]) -> bytes:
-        key = tuple(src_block_ids)
-        ids = self._ids.get(key)
-        if ids is None:
-            ids = self._ids[key] = _device_ids(src_block_ids, layer_cache.device)
-        # gather on the compute stream, right after the layer: the blocks may be reused once the transfer
-        # closes, the staging copy lives until the sends are done
-        staging = layer_cache.index_select(1, ids)
-        ready = torch.cuda.Event()
-        ready.record()
-        self._pending.append((staging, ready, contiguous_runs(list(header.block_ids))))
-        header.payload_bytes = staging.numel() * staging.element_size()
+        raise NotImplementedError("the nccl sink announces whole steps")
+
+    def announce(self, header: pb.KVChunkHeader, src_block_ids: list[int]) -> bytes:
+        self._ids = _device_ids(src_block_ids, self.channel.device)
+        self._runs = contiguous_runs(list(header.block_ids))
+        nbytes = 2 * len(src_block_ids) * _block_bytes(header)
+        header.payload_bytes = nbytes * max(1, header.num_layers)
         return encode_header(header)
 
-    def flush(self) -> None:
-        """Issue the sends of the chunks emitted so far (the producer calls it once their headers are queued)."""
+    def send_layer(self, layer: int, layer_cache: torch.Tensor) -> None:
+        # gather on the compute stream, right after the layer: the blocks may be reused once the transfer
+        # closes, the staging copy lives until the sends are done
+        staging = layer_cache.index_select(1, self._ids)
+        ready = torch.cuda.Event()
+        ready.record()
         stream = self.channel.stream
-        for staging, ready, runs in self._pending:
-            stream.wait_event(ready)
-            offset = 0
-            with torch.cuda.stream(stream):  # one send per contiguous run of the consumer's blocks, K then V
-                for start, end in runs:
-                    n = end - start
-                    self.channel.send(staging[0, offset:offset + n])
-                    self.channel.send(staging[1, offset:offset + n])
-                    offset += n
-            staging.record_stream(stream)
-        self._pending.clear()
+        stream.wait_event(ready)
+        parts, offset = [], 0
+        for start, end in self._runs:  # K and V of each contiguous run of the consumer's blocks
+            n = end - start
+            parts += [staging[0, offset:offset + n], staging[1, offset:offset + n]]
+            offset += n
+        with torch.cuda.stream(stream):
+            self.channel.send_group(parts)
+        staging.record_stream(stream)
 
     def close(self, completed: bool = True) -> None:
         if not completed:  # the consumer may be gone mid-transfer: this channel's order is lost
             self.channel.abort()
             _producer_channels.pop(self.channel.key, None)
+
+
+def _block_bytes(header: pb.KVChunkHeader) -> int:
+    """Bytes of K (or V) of one block, from a header's shape and dtype."""
+    _, _, block_size, heads, dim = header.shape
+    return block_size * heads * dim * DTYPES[header.dtype].itemsize
 
 
 async def open_nccl_sink(params: bytes, device: torch.device) -> NcclSink:
@@ -187,6 +207,7 @@ class NcclSource:
         self._ok = False
         self._cond = threading.Condition()
         self._next_sequence = 0
+        self._first: torch.cuda.Event | None = None  # timing events around every receive of the transfer
         self._last: torch.cuda.Event | None = None
         with _pool_lock:
             free = [c for c in _free[peer] if not c.broken]
@@ -216,30 +237,38 @@ class NcclSource:
               ) -> int:
         channel = self._channel.result(timeout=INIT_TIMEOUT_S)
         ids = list(header.block_ids)
-        nbytes = 2 * len(ids) * layout.block_bytes
+        layers = range(header.layer, header.layer + max(1, header.num_layers))
+        nbytes = 2 * len(ids) * layout.block_bytes * len(layers)
         if header.payload_bytes != nbytes:
             raise KVTransferError(f"header says {header.payload_bytes} bytes, expected {nbytes}", code="checksum")
+        runs = contiguous_runs(ids)
         with self._cond:  # receives must be posted in the order the producer sent
             if not self._cond.wait_for(lambda: self._next_sequence == header.sequence, timeout=INIT_TIMEOUT_S):
                 raise KVTransferError(f"chunk {self._next_sequence} never came before {header.sequence}",
                                       code="incomplete")
             with torch.cuda.stream(channel.stream):  # straight into the reserved blocks: no staging
-                for start, end in contiguous_runs(ids):
-                    channel.recv(kv_caches[header.layer][0, start:end])
-                    channel.recv(kv_caches[header.layer][1, start:end])
-                self._last = torch.cuda.Event()
+                if self._first is None:
+                    self._first = torch.cuda.Event(enable_timing=True)
+                    self._first.record(channel.stream)
+                for layer in layers:
+                    cache = kv_caches[layer]
+                    channel.recv_group([cache[kv, start:end] for start, end in runs for kv in (0, 1)])
+                self._last = torch.cuda.Event(enable_timing=True)
                 self._last.record(channel.stream)
             self._next_sequence += 1
             self._cond.notify_all()
         return nbytes
 
-    def finish(self, timeout_s: float) -> None:
+    def finish(self, timeout_s: float) -> float | None:
         deadline = time.monotonic() + timeout_s
         while self._last is not None and not self._last.query():
             if time.monotonic() > deadline:
                 raise KVTransferError("the NCCL receives did not complete in time", code="timeout")
-            time.sleep(0.0005)
+            time.sleep(0.0001)
         self._ok = True
+        if self._first is None or self._last is None:
+            return None
+        return self._first.elapsed_time(self._last) / 1e3
 
     def close(self) -> None:
         if not self._channel.done():  # the producer never joined; the init thread stays blocked in NCCL

@@ -7,6 +7,9 @@ the step that finishes the prompt). After each layer it hands those blocks of
 that layer to the transfer's payload sink and queues the resulting control
 message on stream ``layer % num_streams``, where the gRPC handlers pick it up.
 So the first layers are on the wire while later layers are still computing.
+GPU sinks instead get one header for the whole step before its first layer
+(so the consumer posts every receive at once, off the data's critical path)
+and each layer's data as it finishes.
 
 A transfer's lifecycle: ``open`` (the Prefill RPC arrived) → chunks stream →
 ``prefilled`` (first token sampled; ``PrefillDone`` queued; the lease starts)
@@ -215,34 +218,50 @@ class KVProducer:
                                         t.dest_block_ids[t.next_block - t.first_block:send_to - t.first_block]))
                 t.pending_next = send_to
         self._planned = planned
+        for p in planned:  # GPU sinks: one header for the whole step, so the consumer posts every receive now
+            if p.transfer.sink.announces_steps:
+                self._send(p.transfer, 0, functools.partial(p.transfer.sink.announce, src_block_ids=p.src_block_ids),
+                           p.dest_block_ids, self.layout.num_layers)
         return bool(planned)
 
     def layer_done(self, layer: int) -> None:
         cache = self.kv_caches[layer]
         for p in self._planned:
             t = p.transfer
-            limit = getattr(t.sink, "max_chunk_bytes", self.max_chunk_bytes)
-            per_chunk = max(1, limit // (2 * self.layout.block_bytes))  # blocks per message
+            if t.closed or t.failed:
+                continue
+            if t.sink.announces_steps:
+                self._guard(t, functools.partial(t.sink.send_layer, layer, cache))
+                continue
+            per_chunk = max(1, self.max_chunk_bytes // (2 * self.layout.block_bytes))  # blocks per message
             for i in range(0, len(p.src_block_ids), per_chunk):
                 if t.closed or t.failed:
                     break
-                self._emit(t, layer, cache, p.src_block_ids[i:i + per_chunk], p.dest_block_ids[i:i + per_chunk])
+                emit = functools.partial(t.sink.emit, layer_cache=cache, src_block_ids=p.src_block_ids[i:i + per_chunk])
+                self._send(t, layer, emit, p.dest_block_ids[i:i + per_chunk], 1)
 
-    def _emit(self, t: ProducerTransfer, layer: int, cache: torch.Tensor, src_ids: list[int],
-              dest_ids: list[int]) -> None:
+    def _send(self, t: ProducerTransfer, layer: int, encode: Callable[[pb.KVChunkHeader], bytes],
+              dest_ids: list[int], num_layers: int) -> None:
+        """Queue one chunk message (its header covering ``num_layers`` layers from ``layer``) on its stream."""
         header = pb.KVChunkHeader(request_id=t.request_id, layer=layer, block_ids=dest_ids, dtype=self.layout.dtype,
-                                  shape=self.layout.chunk_shape(len(dest_ids)), sequence=t.sequence)
+                                  shape=self.layout.chunk_shape(len(dest_ids)), sequence=t.sequence,
+                                  num_layers=num_layers if num_layers > 1 else 0)
         t.sequence += 1
-        try:
-            message = t.sink.emit(header, cache, src_ids)
-        except Exception:
-            logger.exception("emitting KV of %s failed", t.request_id)
-            t.failed = True
-            self.loop.call_soon_threadsafe(functools.partial(self.close, t.request_id, completed=False))
+        message = self._guard(t, lambda: encode(header))
+        if message is None:
             return
         t.bytes_sent += len(message) if header.shm_name == "" else header.payload_bytes
         self.loop.call_soon_threadsafe(t.queues[layer % t.num_streams].put_nowait, message)
-        t.sink.flush()
+
+    def _guard(self, t: ProducerTransfer, action: Callable[[], bytes | None]) -> bytes | None:
+        """Run a sink call; if it fails, the transfer fails (and is closed on the loop)."""
+        try:
+            return action()
+        except Exception:
+            logger.exception("sending KV of %s failed", t.request_id)
+            t.failed = True
+            self.loop.call_soon_threadsafe(functools.partial(self.close, t.request_id, completed=False))
+            return None
 
     def end_step(self) -> None:
         for p in self._planned:

@@ -36,7 +36,14 @@ from kvtransfer.layout import KVLayout, payload_views, write_payload
 
 
 class PayloadSink(Protocol):
-    """Producer half. ``emit`` runs on the engine thread right after a layer finished."""
+    """Producer half; all but ``close`` run on the engine thread.
+
+    CPU transports (``announces_steps`` false) get ``emit`` right after each
+    layer finished, once per chunk. GPU transports get ``announce`` once per
+    engine step, before its first layer, then ``send_layer`` after each layer.
+    """
+
+    announces_steps: bool
 
     def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]
              ) -> bytes | DeferredChunk:
@@ -44,8 +51,12 @@ class PayloadSink(Protocol):
         :class:`DeferredChunk` that makes them when gRPC sends it."""
         ...
 
-    def flush(self) -> None:
-        """The control messages emitted so far are queued: send what must follow them (NCCL's data)."""
+    def announce(self, header: pb.KVChunkHeader, src_block_ids: list[int]) -> bytes:
+        """A step will send ``src_block_ids`` of every layer (``header`` covers them all); return its message."""
+        ...
+
+    def send_layer(self, layer: int, layer_cache: torch.Tensor) -> None:
+        """Send this layer's part of the announced step."""
         ...
 
     def close(self, completed: bool = True) -> None:
@@ -66,14 +77,19 @@ class PayloadSource(Protocol):
         following layers when the header covers several); returns the payload bytes."""
         ...
 
-    def finish(self, timeout_s: float) -> None:
-        """Block until every chunk applied so far is in the cache (GPU transports complete asynchronously)."""
+    def finish(self, timeout_s: float) -> float | None:
+        """Block until every chunk applied so far is in the cache (GPU transports complete asynchronously).
+
+        Returns the seconds the device spent receiving, from the first posted receive to the last one's end,
+        where the transport can tell (None otherwise)."""
         ...
 
     def close(self) -> None: ...
 
 
 def _check_size(header: pb.KVChunkHeader, layout: KVLayout, nbytes: int) -> None:
+    if header.num_layers > 1:  # a payload through the CPU is one layer's
+        raise KVTransferError(f"a chunk of {header.num_layers} layers on a CPU transport", code="checksum")
     expected = 2 * len(header.block_ids) * layout.block_bytes
     if nbytes != expected or header.payload_bytes != expected:
         raise KVTransferError(f"payload has {nbytes} bytes (header {header.payload_bytes}), expected {expected}",
@@ -108,6 +124,8 @@ class DeferredChunk:
 
 
 class GrpcSink:
+    announces_steps = False
+
     def __init__(self, checksum: bool) -> None:
         self.checksum = checksum
         self.closed = False
@@ -116,9 +134,6 @@ class GrpcSink:
              ) -> DeferredChunk:
         parts = payload_views(layer_cache, src_block_ids)
         return DeferredChunk(encode_chunk_frame(header, parts, checksum=self.checksum), parts, self)
-
-    def flush(self) -> None:
-        pass  # the payload travels inside the message
 
     def close(self, completed: bool = True) -> None:
         self.closed = True
@@ -134,8 +149,8 @@ class GrpcSource:
         write_payload(kv_caches[header.layer], list(header.block_ids), inline, layout)
         return inline.nbytes
 
-    def finish(self, timeout_s: float) -> None:
-        pass
+    def finish(self, timeout_s: float) -> float | None:
+        return None
 
     def close(self) -> None:
         pass
@@ -233,8 +248,9 @@ class LocalSource:
         write_payload(kv_caches[header.layer], list(header.block_ids), view, layout)
         return view.nbytes
 
-    def finish(self, timeout_s: float) -> None:
+    def finish(self, timeout_s: float) -> float | None:
         self.completed = True
+        return None
 
     def _payload(self, header: pb.KVChunkHeader) -> memoryview:
         if header.shm_name != self.name:
@@ -255,6 +271,8 @@ class LocalSource:
 
 
 class LocalSink:
+    announces_steps = False
+
     def __init__(self, params: bytes, checksum: bool) -> None:
         self.name = params.decode(errors="replace")
         path = _shm_path(self.name)
@@ -285,9 +303,6 @@ class LocalSink:
         header.shm_offset = self.offset
         self.offset = pos
         return encode_chunk(header, parts, checksum=self.checksum, inline=False)
-
-    def flush(self) -> None:
-        pass  # the payload is in shared memory before the message is queued
 
     def close(self, completed: bool = True) -> None:
         self._map.close()
