@@ -140,6 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--attention-backend", default="auto", help="auto, triton or flash_attn")
+    parser.add_argument("--block-size", type=int, default=16, help="KV block size (flash_attn needs 256)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     args = parser.parse_args()
     from common.config import EngineConfig
     from engine.core import EngineCore
@@ -151,12 +154,14 @@ def main() -> None:
           flush=True)
     model_dir = write_config(Path(tempfile.mkdtemp()) / "llama3-8b")
     context = 1024
-    hf = transformers_decode(model_dir, context, 32)  # first: it must not compete with the engine for memory
-    result["transformers_decode_ms_batch1"] = hf * 1e3
-    print(f"transformers generate, batch 1: {hf * 1e3:.2f} ms/token", flush=True)
+    if not args.no_transformers:
+        hf = transformers_decode(model_dir, context, 32)  # first: it must not compete with the engine for memory
+        result["transformers_decode_ms_batch1"] = hf * 1e3
+        print(f"transformers generate, batch 1: {hf * 1e3:.2f} ms/token", flush=True)
     core = EngineCore(EngineConfig(model=str(model_dir), dtype="bfloat16", load_format="dummy", device="cuda",
                                    max_num_batched_tokens=8192, max_num_requests=128, max_model_len=16384,
-                                   max_graph_batch_size=128))
+                                   max_graph_batch_size=128, attention_backend=args.attention_backend,
+                                   block_size=args.block_size))
     weights = param_bytes(core.runner.model)
     mc = core.model_config
     kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2

@@ -13,7 +13,9 @@ Per step: a batch of decodes only goes through ``flash_attn_with_kvcache``
 CUDA graph, see ``build_decode_metadata``); any batch with a prompt chunk goes
 through one ``flash_attn_varlen_func`` call over every row, decodes included,
 whose causal mask is aligned to the bottom right, i.e. offset by the tokens
-already cached. K/V are stored with ``write_kv`` before either call.
+already cached. K/V are stored before either call by the Triton writer, which
+skips the negative slots of a CUDA graph's padded rows (``index_copy_`` would
+fault on them).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from types import ModuleType
 import torch
 
 from common.errors import ConfigError
-from engine.attention.base import AttentionBatch, write_kv
+from engine.attention.base import AttentionBatch
 
 PAGE_MULTIPLE = 256
 
@@ -69,6 +71,10 @@ class FlashAttnBackend:
         if block_size is not None:
             _check_block_size(block_size)
         self._fa = _import_flash_attn()
+        # flash-attn runs on CUDA, where Triton does
+        from engine.attention.triton_kernels import write_kv_cache
+
+        self._write_kv = write_kv_cache
         self._checked_block_size = block_size
 
     def _check(self, block_size: int) -> None:
@@ -100,7 +106,7 @@ class FlashAttnBackend:
         """Called by every attention layer with the step's metadata."""
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise ConfigError(f"flash-attn runs fp16/bf16 only, got {q.dtype}", field="dtype")
-        write_kv(kv_cache, k, v, metadata.slot_mapping)
+        self._write_kv(kv_cache, k, v, metadata.slot_mapping)
         window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
         if metadata.decode_only:
             out = self._fa.flash_attn_with_kvcache(
