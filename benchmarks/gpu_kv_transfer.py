@@ -11,11 +11,11 @@ stream of the same bytes in the grpc transport's message sizes.
 
 The nccl transport is timed two ways: end to end (``KVConsumer.fetch``: the
 Prefill RPC, the step announcement, the data, ``PrefillDone``), and its data
-alone (CUDA events around the consumer's receives: first posted to last
-landed), which is what the torch.distributed baseline's timing covers. A
-second torch.distributed figure sends the same bytes in the transport's
-message sizes (K and V of each layer, one group per layer), to separate what
-the message size costs from what our code costs.
+alone (CUDA events on the consumer: first receive posted to last block
+scattered), which is what the torch.distributed baseline's timing covers. It
+runs at several message sizes (``PDSERVE_NCCL_MESSAGE_MIB``; 16 MiB is one
+layer here), and torch.distributed sends the same bytes in messages of the
+same sizes, to separate what the message size costs from what our code costs.
 
     python benchmarks/gpu_kv_transfer.py --json FILE
 """
@@ -144,40 +144,39 @@ async def run_plain(address: str, repeats: int, chunk_bytes: int) -> list[float]
     return times
 
 
-def torch_distributed_baseline(repeats: int) -> dict[str, list[float]]:
-    """512 MiB sent cuda:0 -> cuda:1 with torch.distributed (NCCL), two processes: as one tensor, and in the
-    transport's messages."""
+def torch_distributed_baseline(repeats: int, message_mib: list[int]) -> dict[str, list[float]]:
+    """512 MiB sent cuda:0 -> cuda:1 with torch.distributed (NCCL), two processes: as one tensor, and in
+    messages of each size of ``message_mib`` (one send after another, as the transport sends them)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    sizes = ",".join(str(m) for m in message_mib)
     procs = [subprocess.Popen([sys.executable, __file__, "--dist-rank", str(r), "--dist-port", str(port),
-                               "--repeats", str(repeats)], stdout=subprocess.PIPE, text=True) for r in (0, 1)]
+                               "--repeats", str(repeats), "--nccl-message-mib", sizes], stdout=subprocess.PIPE,
+                              text=True) for r in (0, 1)]
     out = [p.communicate(timeout=300)[0] for p in procs]
     return json.loads(out[1].strip().splitlines()[-1])
 
 
-def dist_rank(rank: int, port: int, repeats: int) -> None:
+def dist_rank(rank: int, port: int, repeats: int, message_mib: list[int]) -> None:
     import torch.distributed as dist
 
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     tensor = torch.ones(TOTAL_BYTES, dtype=torch.uint8, device=f"cuda:{rank}")
-    layers = tensor.view(LAYERS, 2, -1)  # K and V of each layer: the transport's messages
-    op = dist.isend if rank == 0 else dist.irecv
+    op = dist.send if rank == 0 else dist.recv
 
-    def one_tensor() -> None:
-        (dist.send if rank == 0 else dist.recv)(tensor, 1 - rank)
+    def messages(mib: int):
+        def run() -> None:
+            for part in tensor.split(mib << 20):
+                op(part, 1 - rank)
+        return run
 
-    def per_layer() -> None:
-        for layer in layers:
-            for work in dist.batch_isend_irecv([dist.P2POp(op, layer[0], 1 - rank), dist.P2POp(op, layer[1],
-                                                                                                1 - rank)]):
-                work.wait()
-
+    runs = [("one_tensor", messages(TOTAL_BYTES >> 20))] + [(f"messages_{m}_mib", messages(m)) for m in message_mib]
     times: dict[str, list[float]] = {}
-    for name, fn in (("one_tensor", one_tensor), ("per_layer_messages", per_layer)):
+    for name, fn in runs:
         times[name] = []
         for i in range(repeats + 2):
             dist.barrier()
@@ -191,16 +190,36 @@ def dist_rank(rank: int, port: int, repeats: int) -> None:
     print(json.dumps(times), flush=True)
 
 
+async def measure(address: str, mib: int, with_grpc: bool, repeats: int, seconds: dict, exact: dict) -> None:
+    """The nccl transport against one server (its message size ``mib``); the grpc ones too if ``with_grpc``."""
+    times, receive, exact[f"nccl_{mib}_mib"] = await run_transport(address, pb.KV_TRANSPORT_NCCL, repeats, "cuda:1")
+    seconds[f"nccl_{mib}_mib"], seconds[f"nccl_{mib}_mib_data"] = times, receive
+    if with_grpc:
+        seconds["grpc"], _, exact["grpc"] = await run_transport(address, pb.KV_TRANSPORT_GRPC, repeats, "cuda:1")
+        seconds["plain_grpc"] = await run_plain(address, repeats, 4 << 20)
+
+
+def start_server(message_mib: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "PDSERVE_NCCL_MESSAGE_MIB": str(message_mib)}
+    server = subprocess.Popen([sys.executable, __file__, "--serve", "cuda:0", *extra], stdout=subprocess.PIPE,
+                              text=True, env=env)
+    return server, server.stdout.readline().split()[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--dist-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dist-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--nccl-message-mib", default="16,64,128,512",
+                        help="nccl transport message sizes to run (PDSERVE_NCCL_MESSAGE_MIB); 64, the "
+                             "transport's default, gives the headline figure")
     parser.add_argument("--json")
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--dump-stacks-after", type=float, help="print every thread's stack after this many s")
     args = parser.parse_args()
+    message_mib = [int(m) for m in args.nccl_message_mib.split(",")]
     if args.dump_stacks_after:
         import faulthandler
 
@@ -211,42 +230,33 @@ def main() -> None:
     global TIMEOUT_S
     TIMEOUT_S = args.timeout
     if args.dist_rank is not None:
-        dist_rank(args.dist_rank, args.dist_port, args.repeats)
+        dist_rank(args.dist_rank, args.dist_port, args.repeats, message_mib)
         return
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
     extra = ["--dump-stacks-after", str(args.dump_stacks_after)] if args.dump_stacks_after else []
-    server = subprocess.Popen([sys.executable, __file__, "--serve", "cuda:0", *extra], stdout=subprocess.PIPE,
-                              text=True, env=env)
-    try:
-        address = server.stdout.readline().split()[1]
-
-        async def runs() -> dict:
-            nccl, nccl_receive, nccl_exact = await run_transport(address, pb.KV_TRANSPORT_NCCL, args.repeats,
-                                                                 "cuda:1")
-            grpc_t, _, grpc_exact = await run_transport(address, pb.KV_TRANSPORT_GRPC, args.repeats, "cuda:1")
-            plain = await run_plain(address, args.repeats, 4 << 20)
-            return {"nccl": nccl, "nccl_data": nccl_receive, "nccl_bit_exact": nccl_exact, "grpc": grpc_t,
-                    "grpc_bit_exact": grpc_exact, "plain_grpc": plain}
-
-        measured = asyncio.run(runs())
-    finally:
-        server.kill()
-    dist_times = torch_distributed_baseline(args.repeats)
-    seconds = {**{k: measured[k] for k in ("nccl", "nccl_data", "grpc", "plain_grpc")},
-               "torch_distributed": dist_times["one_tensor"],
-               "torch_distributed_per_layer_messages": dist_times["per_layer_messages"]}
+    seconds: dict[str, list[float]] = {}
+    exact: dict[str, bool] = {}
+    for i, mib in enumerate(message_mib):
+        server, address = start_server(mib, extra)
+        try:
+            asyncio.run(measure(address, mib, i == 0, args.repeats, seconds, exact))
+        finally:
+            server.kill()
+    dist_times = torch_distributed_baseline(args.repeats, message_mib)
+    seconds.update({f"torch_distributed_{k}" if k != "one_tensor" else "torch_distributed": v
+                    for k, v in dist_times.items()})
     gbs = {name: TOTAL_BYTES / statistics.median(times) / 1e9 for name, times in seconds.items()}
     base = gbs["torch_distributed"]
-    result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "bytes": TOTAL_BYTES,
-              "gb_per_s": gbs, "nccl_vs_torch_distributed": gbs["nccl"] / base,
-              "nccl_data_vs_torch_distributed": gbs["nccl_data"] / base,
-              "grpc_vs_plain_grpc": gbs["grpc"] / gbs["plain_grpc"], "nccl_bit_exact": measured["nccl_bit_exact"],
-              "grpc_bit_exact": measured["grpc_bit_exact"], "seconds": seconds}
+    head = 64 if 64 in message_mib else message_mib[0]
+    result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0),
+              "gpus_on_host": torch.cuda.device_count(), "bytes": TOTAL_BYTES, "nccl_message_mib": head, "gb_per_s": gbs,
+              "nccl_vs_torch_distributed": gbs[f"nccl_{head}_mib"] / base,
+              "nccl_data_vs_torch_distributed": gbs[f"nccl_{head}_mib_data"] / base,
+              "grpc_vs_plain_grpc": gbs["grpc"] / gbs["plain_grpc"], "bit_exact": exact, "seconds": seconds}
     for name, rate in gbs.items():
-        print(f"{name:38s} {rate:8.2f} GB/s")
-    print(f"nccl / torch.distributed: end to end {result['nccl_vs_torch_distributed']:.2f}, data "
-          f"{result['nccl_data_vs_torch_distributed']:.2f}; grpc / plain gRPC {result['grpc_vs_plain_grpc']:.2f}; "
-          f"bit-exact nccl {result['nccl_bit_exact']} grpc {result['grpc_bit_exact']}")
+        print(f"{name:42s} {rate:8.2f} GB/s")
+    print(f"nccl ({head} MiB messages) / torch.distributed: end to end {result['nccl_vs_torch_distributed']:.2f}, "
+          f"data {result['nccl_data_vs_torch_distributed']:.2f}; grpc / plain gRPC "
+          f"{result['grpc_vs_plain_grpc']:.2f}; bit-exact {exact}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

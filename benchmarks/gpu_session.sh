@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One lease on a machine with at least two H200s, as one command (the device tool's `run`):
 #   1. flash-attn builds from its sdist (.fa/flash_attn-*.tar.gz, carried) in the background, pinned to all
-#      but the first 8 cores;
-#   2. meanwhile, on those 8 cores: the NCCL GPU tests and benchmarks/gpu_kv_transfer.py;
+#      but the first 8 cores (skipped when .fa is not carried);
+#   2. meanwhile, on those 8 cores: the NCCL GPU tests, benchmarks/gpu_kv_transfer.py and the TTFT part of
+#      benchmarks/gpu_disagg.py;
 #   3. once flash-attn is built: its GPU tests, the engine benchmark on the flash_attn backend, the attention
 #      benchmark.
 # Each step writes its log or JSON under $OUT as soon as it ends, so a run cut off by the time limit still
@@ -43,7 +44,8 @@ fi
 
 # 2. NCCL tests and the KV-transfer benchmark
 step nccl_tests 240 python3 -m pytest -q -x tests/gpu/test_engine_gpu.py -k nccl -p no:cacheprovider
-step gpu_kv_transfer 180 python3 benchmarks/gpu_kv_transfer.py --repeats 9 --json "$out/gpu_kv_transfer.json"
+step gpu_kv_transfer 240 python3 benchmarks/gpu_kv_transfer.py --repeats 9 --json "$out/gpu_kv_transfer.json"
+step gpu_ttft 200 python3 benchmarks/gpu_disagg.py --part ttft --repeats 5 --json "$out/gpu_ttft_nccl.json"
 
 # 3. flash-attn
 while [ -n "$sdist" ] && ! grep -q "build rc=" /tmp/fa_build.log 2>/dev/null && [ "$(left)" -gt 60 ]; do sleep 5; done

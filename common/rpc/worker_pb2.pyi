@@ -111,7 +111,7 @@ class KVMessage(_message.Message):
     def __init__(self, chunk: _Optional[_Union[KVChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ...) -> None: ...
 
 class KVChunkHeader(_message.Message):
-    __slots__ = ("request_id", "layer", "block_ids", "dtype", "shape", "payload_bytes", "payload_checksum", "sequence", "shm_name", "shm_offset", "num_layers", "header_checksum")
+    __slots__ = ("request_id", "layer", "block_ids", "dtype", "shape", "payload_bytes", "payload_checksum", "sequence", "shm_name", "shm_offset", "num_layers", "layers_per_message", "header_checksum")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class KVChunkHeader(_message.Message):
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     HEADER_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer: int
@@ -135,8 +136,9 @@ class KVChunkHeader(_message.Message):
     shm_name: str
     shm_offset: int
     num_layers: int
+    layers_per_message: int
     header_checksum: int
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., payload_checksum: _Optional[int] = ..., sequence: _Optional[int] = ..., shm_name: _Optional[str] = ..., shm_offset: _Optional[int] = ..., num_layers: _Optional[int] = ..., header_checksum: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., payload_checksum: _Optional[int] = ..., sequence: _Optional[int] = ..., shm_name: _Optional[str] = ..., shm_offset: _Optional[int] = ..., num_layers: _Optional[int] = ..., layers_per_message: _Optional[int] = ..., header_checksum: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "payload")
