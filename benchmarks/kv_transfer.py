@@ -6,13 +6,15 @@ real transfer path: ``KVProducer`` hooks (called as the engine would after
 each layer) -> payload sink -> Prefill stream -> ``KVConsumer`` (verify and
 write into a cache). Beside it, in the same run and against the same server
 process, a plain gRPC server stream of the same bytes in the same message
-sizes, received and dropped. Prints GB/s of each and the ratio.
+sizes (4 MiB), received and dropped. Prints GB/s of each and the ratio. Both
+processes set malloc up as workers do (``kvtransfer.host_memory``), unless
+``--default-malloc``.
 
 Part 2 starts a prefill worker and a decode worker on the demo model and times
 the first token of requests prefilled remotely (KV moved) against requests the
 decode worker prefills itself, for 512- and 2,000-token prompts.
 
-    python benchmarks/kv_transfer.py [--repeats 5] [--json FILE]
+    python benchmarks/kv_transfer.py [--repeats 5] [--json FILE] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ from common.rpc_convert import sampling_to_proto
 from common.sampling import SamplingParams
 from engine.scheduler import ScheduledRequest
 from kvtransfer.consumer import KVConsumer
+from kvtransfer.host_memory import keep_transfer_buffers
 from kvtransfer.producer import KVProducer
 from kvtransfer.transport import make_sink
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 32, 64, 16, 8, 128
 BYTES_METHOD = "/bench.Bytes/Stream"
 MAX_MESSAGE = 1 << 30
+TOTAL_BYTES = LAYERS * 2 * BLOCKS * BLOCK_SIZE * HEADS * DIM * 4
+PLAIN_MESSAGE_BYTES = 4 << 20  # the grpc transport's chunk payload (KVProducer's max_chunk_bytes: whole blocks)
 
 
 def _cache(seed: int) -> list[torch.Tensor]:
@@ -60,7 +65,8 @@ async def serve() -> None:
     kv = _cache(0)
     loop = asyncio.get_running_loop()
     producer = KVProducer(kv, loop, lease_s=60)
-    chunk = bytes(2 * BLOCKS * producer.layout.block_bytes)  # one layer's K and V: the KV chunk size
+    chunk = bytes(PLAIN_MESSAGE_BYTES)
+    assert producer.max_chunk_bytes == PLAIN_MESSAGE_BYTES, "the baseline's messages must be the transport's"
 
     def compute(request: pb.PrefillRequest) -> None:  # what the engine thread does for one prompt
         n = len(request.prompt_token_ids)
@@ -147,7 +153,7 @@ class PlainRun:
 
     async def once(self) -> float:
         start = time.monotonic()
-        async for _ in self.call(struct.pack("<I", LAYERS)):
+        async for _ in self.call(struct.pack("<I", TOTAL_BYTES // PLAIN_MESSAGE_BYTES)):
             pass
         return time.monotonic() - start
 
@@ -155,13 +161,14 @@ class PlainRun:
         await self.channel.close()
 
 
-def part1(repeats: int) -> dict:
+def part1(repeats: int, default_malloc: bool) -> dict:
     """Runs interleave (plain, grpc x1, grpc x2, local, then again), so a slow patch of a shared machine
     hits every variant alike; each ratio is the median of the per-round ratios to the plain stream."""
-    server = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
+    extra = ["--default-malloc"] if default_malloc else []
+    server = subprocess.Popen([sys.executable, __file__, "--serve", *extra], stdout=subprocess.PIPE, text=True)
     try:
         address = server.stdout.readline().split("address=")[1].strip()
-        size = LAYERS * 2 * BLOCKS * BLOCK_SIZE * HEADS * DIM * 4
+        size = TOTAL_BYTES
 
         async def all_runs() -> dict:
             variants = {"plain_grpc_stream": PlainRun(address),
@@ -244,11 +251,17 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc malloc as it is (workers call kvtransfer.host_memory.keep_transfer_buffers, "
+                             "and so do both processes of this benchmark unless this is given)")
     args = parser.parse_args()
+    if not args.default_malloc:
+        keep_transfer_buffers()
     if args.serve:
         asyncio.run(serve())
         return
-    transfer = part1(args.repeats)
+    transfer = part1(args.repeats, args.default_malloc)
+    transfer["malloc"] = "glibc defaults" if args.default_malloc else "keep_transfer_buffers"
     print(f"256 MiB of KV blocks, median of {args.repeats} interleaved rounds:")
     for name, rate in transfer["gb_per_s"].items():
         print(f"  {name:20s} {rate:7.3f} GB/s")

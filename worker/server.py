@@ -23,6 +23,7 @@ from common.errors import PdserveError
 from common.tls import TlsConfig, add_port
 from engine.async_engine import AsyncEngine
 from engine.core import EngineCore
+from kvtransfer.host_memory import keep_transfer_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
 
 
 def run(role: str, engine_config: EngineConfig, worker_config: WorkerConfig, tls: TlsConfig | None = None) -> int:
+    keep_transfer_buffers()
     try:
         asyncio.run(serve(role, engine_config, worker_config, tls))
     except PdserveError as e:

@@ -1,0 +1,45 @@
+"""Host-memory settings for processes that move KV through the CPU (the grpc and local transports).
+
+A transfer allocates and frees a few MiB per chunk message, hundreds of MiB
+per prompt. With glibc's defaults an allocation that large is its own
+``mmap``, and freeing it returns the pages, so every chunk pays for fresh
+zeroed pages again (page faults run at 1-2 GB/s on a small VM, slower than the
+network). Serving allocations up to :data:`MMAP_THRESHOLD` from the heap, and
+keeping up to :data:`TRIM_THRESHOLD` of freed heap before returning it, makes
+those buffers reused memory. Measured with ``benchmarks/kv_transfer.py`` on a
+2-vCPU VM, 256 MiB per transfer: the grpc transport went from 0.72 GB/s with
+glibc's defaults (``--default-malloc``) to 1.40 with these settings.
+
+The cost is memory held back: up to ``TRIM_THRESHOLD`` of freed memory per
+malloc arena stays mapped. Elsewhere than glibc this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+logger = logging.getLogger(__name__)
+
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 128 << 20
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, <malloc.h>
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_transfer_buffers() -> bool:
+    """Apply the settings above to this process's glibc malloc; returns whether it took them."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+        gnu_get_libc_version = libc.gnu_get_libc_version  # only glibc has it: its mallopt is the one meant
+    except (OSError, AttributeError, TypeError):
+        return False
+    del gnu_get_libc_version
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if not ok:
+        logger.warning("mallopt refused the KV transfer buffer settings")
+    return ok
