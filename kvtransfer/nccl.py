@@ -140,8 +140,8 @@ class NcclSink:
         num_layers = max(1, header.num_layers)
         layer_bytes = 2 * len(src_block_ids) * _block_bytes(header)
         per_message = min(num_layers, max(1, -(-message_bytes() // layer_bytes)))
-        self._groups = [range(i, min(i + per_message, num_layers)) for i in range(0, num_layers, per_message)]
-        self._groups = [range(g.start + header.layer, g.stop + header.layer) for g in self._groups]
+        first, end = header.layer, header.layer + num_layers
+        self._groups = [range(i, min(i + per_message, end)) for i in range(first, end, per_message)]
         self._ids = _device_ids(src_block_ids, self.channel.device)
         self._shape = tuple(header.shape)
         self._buffer = None
