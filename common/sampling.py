@@ -15,6 +15,9 @@ from typing import Any
 from common.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-MAX_PENALTY, MAX_PENALTY]
+MAX_LOGIT_BIAS = 100.0  # each bias lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's cap on the size of logit_bias
 
 
 def _normalize_stop(stop: Any) -> tuple[str, ...]:
@@ -49,15 +52,65 @@ def _float_field(value: Any, name: str) -> float:
     return value
 
 
+def _token_id_key(key: Any) -> int:
+    """A logit_bias key: an int, or (from JSON, where object keys are strings) a string of one."""
+    if isinstance(key, str):
+        try:
+            key = int(key)
+        except ValueError:
+            raise InvalidRequestError(f"keys must be token ids, got {key!r}", field="logit_bias") from None
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise InvalidRequestError(f"keys must be token ids, got {key!r}", field="logit_bias")
+    if key < 0:
+        raise InvalidRequestError(f"token ids must be >= 0, got {key}", field="logit_bias")
+    return key
+
+
+def _normalize_logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+    """``{token_id: bias}`` (or pairs) as ``((token_id, bias), ...)`` sorted by token id."""
+    if bias is None:
+        return ()
+    if isinstance(bias, dict):
+        items = list(bias.items())
+    elif isinstance(bias, (list, tuple)) and all(isinstance(e, (list, tuple)) and len(e) == 2 for e in bias):
+        items = [tuple(e) for e in bias]
+    else:
+        raise InvalidRequestError(f"must be a map from token id to bias, got {type(bias).__name__}",
+                                  field="logit_bias")
+    if len(items) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(items)}",
+                                  field="logit_bias")
+    out: dict[int, float] = {}
+    for key, value in items:
+        token_id = _token_id_key(key)
+        value = _float_field(value, "logit_bias")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value} "
+                                      f"for token {token_id}", field="logit_bias")
+        if token_id in out:
+            raise InvalidRequestError(f"token {token_id} appears twice", field="logit_bias")
+        out[token_id] = value
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick tokens and when to stop.
 
     ``temperature == 0`` is greedy. ``top_k`` of -1 or 0 disables top-k.
     ``logprobs=N`` returns, for every generated token, its log-probability and
-    the N most likely alternatives, computed from the model's raw distribution
-    (before temperature, top-k and top-p). ``seed`` makes random sampling
-    reproducible per request, whatever else is in the batch.
+    the N most likely alternatives, computed from the model's distribution
+    after ``logit_bias`` and the penalties but before temperature, top-k and
+    top-p: the distribution the request asked for, before the knobs that only
+    shape the random draw (so under greedy the chosen token is always the top
+    alternative). ``seed`` makes random sampling reproducible per request,
+    whatever else is in the batch.
+
+    OpenAI's penalties, applied to the logits before anything else: for each
+    token already generated in this completion (prompt tokens do not count),
+    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``.
+    ``logit_bias`` adds a bias to the logits of the given token ids; it is kept
+    as ``((token_id, bias), ...)`` sorted by token id (a dict is accepted).
     """
 
     max_tokens: int = 16
@@ -71,6 +124,9 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -103,10 +159,21 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError("must be a boolean", field=name)
+        for name in ("presence_penalty", "frequency_penalty"):
+            penalty = _float_field(getattr(self, name), name)
+            if not -MAX_PENALTY <= penalty <= MAX_PENALTY:
+                raise InvalidRequestError(f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {penalty}",
+                                          field=name)
+            set_(self, name, penalty)
+        set_(self, "logit_bias", _normalize_logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,5 +181,6 @@ class SamplingParams:
             "top_k": self.top_k, "seed": self.seed, "stop": list(self.stop),
             "stop_token_ids": list(self.stop_token_ids), "ignore_eos": self.ignore_eos,
             "logprobs": self.logprobs, "include_stop_str_in_output": self.include_stop_str_in_output,
-            "skip_special_tokens": self.skip_special_tokens,
+            "skip_special_tokens": self.skip_special_tokens, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "logit_bias": dict(self.logit_bias),
         }

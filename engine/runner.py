@@ -68,10 +68,10 @@ class ModelRunner:
         self.model = load_model(config.model, model_config, dtype=dtype, device=device, max_position=max_model_len,
                                 load_format=config.load_format)
         self.backend = select_backend(config.attention_backend, device, block_size=config.block_size)
-        self.sampler = Sampler(config.seed, device)
+        self._staging = _Staging(device)
+        self.sampler = Sampler(config.seed, device, self._staging.put)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
-        self._staging = _Staging(device)
 
     # --- memory ---------------------------------------------------------------------------------
 
@@ -196,7 +196,8 @@ class ModelRunner:
                 torch.cuda.current_stream(self.device).synchronize()
         else:
             sampling = [s for s in scheduled if s.sample]
-            result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling])
+            result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling],
+                                  [s.output_token_ids for s in sampling])
             j = 0
             for i, s in enumerate(scheduled):
                 if s.sample:

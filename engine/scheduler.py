@@ -45,6 +45,8 @@ class ScheduledRequest:
     sampling: SamplingParams
     generator: torch.Generator | None
     num_output_tokens: int
+    # the request's own list of generated tokens, for its penalties: read during execute, extended by update
+    output_token_ids: list[int]
 
 
 @dataclass(slots=True)
@@ -185,6 +187,7 @@ class Scheduler:
             sampling=request.sampling,
             generator=request.generator,
             num_output_tokens=request.num_output_tokens,
+            output_token_ids=request.output_token_ids,
         ))
         out.num_tokens += num_new
 

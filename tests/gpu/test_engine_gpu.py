@@ -125,3 +125,40 @@ def test_fused_kernels_match_their_references(dtype, tol):
     gu = torch.randn(37, 2 * 14336, device="cuda", dtype=dtype, generator=g)
     ref = torch.nn.functional.silu(gu[:, :14336]) * gu[:, 14336:]
     assert torch.allclose(fused.silu_and_mul(gu).float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_penalties_and_logit_bias_on_gpu(tiny_model_factory):
+    """fp32 on CUDA, CUDA-graph decode (sampling runs after the graph, on its output): the same greedy tokens
+    as transformers' generate with the OpenAI formula, in a batch mixing requests with and without them; and
+    applying them adds no host sync (their inputs go through the runner's pinned staging buffers)."""
+    from engine.sampler import _add_logit_bias, _LogitBiasArrays, _penalize
+    from tests.hf_reference import OpenAIPenalties, hf_generate_greedy
+
+    model_dir = tiny_model_factory("llama_gqa")
+    settings = [(0.0, 0.0, {}), (0.0, 1.5, {}), (2.0, 0.0, {}), (0.7, 0.4, {7: 4.0, 100: -100.0}),
+                (-1.0, -0.5, {}), (0.0, 0.0, {3: 6.5})]
+    prompts = random_prompts([5, 17, 33, 1, 48, 9], 512, seed=15)
+    llm = LLM(str(model_dir), dtype="float32", device="cuda", num_blocks=512)
+    assert llm.engine.runner.graphs is not None
+    sampling = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, presence_penalty=p,
+                               frequency_penalty=f, logit_bias=b) for p, f, b in settings]
+    outputs = llm.generate(prompt_token_ids=prompts, sampling=sampling)
+    hf = load_hf(model_dir)
+    for prompt, s, out in zip(prompts, settings, outputs):
+        assert out.token_ids == hf_generate_greedy(hf, prompt, 40, OpenAIPenalties(len(prompt), *s))[0], s
+    llm.engine.assert_no_leaks()
+
+    to_device = llm.engine.runner.sampler.to_device
+    logits = torch.randn(len(sampling), 512, device="cuda")
+    generated = [o.token_ids for o in outputs]
+    torch.cuda.synchronize()
+    with torch.inference_mode():  # as in the runner: the staging buffers are inference tensors
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = _add_logit_bias(_penalize(logits, sampling, generated, to_device), sampling, to_device,
+                                  _LogitBiasArrays())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ref = torch.stack([OpenAIPenalties(0, *s)(torch.tensor([g], device="cuda"), logits[i:i + 1])[0]
+                       for i, (s, g) in enumerate(zip(settings, generated))])
+    assert torch.equal(out, ref)

@@ -1,4 +1,4 @@
-"""Sampler on hand-made logits: greedy, top-k, top-p, seeds, temperature and logprobs."""
+"""Sampler on hand-made logits: greedy, top-k, top-p, seeds, temperature, logprobs, penalties and logit_bias."""
 
 from __future__ import annotations
 
@@ -194,3 +194,99 @@ def test_logprobs_are_raw_log_softmax_with_top_n() -> None:
     assert greedy.token_id == int(logits[2].argmax()) and math.isclose(greedy.logprob, float(ref[2].max()),
                                                                       abs_tol=1e-5)
     assert out.token_ids[3] in ref[3].topk(3).indices.tolist()
+
+
+# --- penalties and logit_bias -------------------------------------------------------------------
+
+
+def openai_penalized(logits: torch.Tensor, generated: list[int], presence: float, frequency: float) -> torch.Tensor:
+    """The formula of OpenAI's documentation, token by token."""
+    out = logits.clone()
+    for token in set(generated):
+        out[token] -= frequency * generated.count(token) + presence
+    return out
+
+
+def test_penalties_change_the_greedy_choice_as_the_formula_says() -> None:
+    logits = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.0])
+    generated = [0, 0, 0, 1]  # token 0 three times, token 1 once
+    cases = [  # (presence, frequency) -> the argmax, worked by hand over tokens 0, 1, 2
+        ((0.0, 0.2), 0),  # 3 - 3 * 0.2 = 2.4, 2.5 - 0.2 = 2.3, 2.0
+        ((0.0, 0.4), 1),  # 1.8, 2.1, 2.0: the count matters ...
+        ((0.4, 0.0), 0),  # 2.6, 2.1, 2.0: ... where presence alone does not
+        ((1.2, 0.0), 2),  # 1.8, 1.3, 2.0
+        ((0.5, 0.3), 2),  # 3 - 0.9 - 0.5 = 1.6, 2.5 - 0.3 - 0.5 = 1.7, 2.0
+        ((0.3, 0.2), 0),  # 2.1, 2.0, 2.0
+        ((-1.0, -2.0), 0),  # negative penalties encourage repetition: 10, 5.5, 2.0
+    ]
+    for (presence, frequency), want in cases:
+        params = SamplingParams(temperature=0.0, presence_penalty=presence, frequency_penalty=frequency)
+        assert int(openai_penalized(logits, generated, presence, frequency).argmax()) == want
+        out = sampler()(logits[None], [params], [None], [generated])
+        assert out.token_ids == [want], (presence, frequency)
+
+
+def test_prompt_tokens_are_not_penalized() -> None:
+    """Only generated tokens count: nothing generated yet means nothing to penalise."""
+    logits = torch.tensor([[3.0, 2.0, 1.0]])
+    params = SamplingParams(temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0)
+    assert sampler()(logits, [params], [None], [[]]).token_ids == [0]
+    assert sampler()(logits, [params], [None]).token_ids == [0]
+    assert sampler()(logits, [params], [None], [[0]]).token_ids == [1]
+
+
+def test_mixed_batch_leaves_rows_without_penalties_unchanged() -> None:
+    logits = torch.randn(6, 80, generator=gen(20)) * 2
+    generated = [torch.randint(0, 80, (n,), generator=gen(21 + n)).tolist() for n in (0, 30, 12, 7, 50, 3)]
+    params = [SamplingParams(temperature=0.0, logprobs=3),
+              SamplingParams(temperature=0.0, frequency_penalty=0.7, presence_penalty=0.4, logprobs=3),
+              SamplingParams(temperature=0.0, logprobs=3),
+              SamplingParams(temperature=0.0, presence_penalty=-1.5, logprobs=3),
+              SamplingParams(temperature=0.0, logprobs=3),
+              SamplingParams(temperature=0.0, frequency_penalty=2.0, logprobs=3)]
+    out = sampler()(logits, params, [None] * 6, generated)
+    plain = sampler()(logits, [SamplingParams(temperature=0.0, logprobs=3)] * 6, [None] * 6)
+    for i in (0, 2, 4):  # same tokens and bit-identical logprobs as a batch without penalties
+        assert out.token_ids[i] == plain.token_ids[i] == int(logits[i].argmax())
+        assert out.logprobs[i] == plain.logprobs[i]
+    for i in (1, 3, 5):
+        p = params[i]
+        want = openai_penalized(logits[i], generated[i], p.presence_penalty, p.frequency_penalty)
+        assert out.token_ids[i] == int(want.argmax())
+        # logprobs are of the penalised distribution (before temperature and truncation)
+        lp = out.logprobs[i]
+        assert lp.top_ids == want.log_softmax(-1).topk(3).indices.tolist()
+        assert math.isclose(lp.logprob, float(want.log_softmax(-1).max()), abs_tol=1e-5)
+
+
+def test_logit_bias_bans_and_forces_tokens() -> None:
+    logits = torch.randn(4, 50, generator=gen(30)) * 3
+    top = logits.argmax(-1).tolist()
+    params = [SamplingParams(temperature=0.0, logit_bias={str(top[0]): -100}),
+              SamplingParams(temperature=0.0, logit_bias={7: 100, 8: 5}),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.7, seed=3, logit_bias={"11": 100})]
+    out = sampler()(logits, params, [None, None, None, gen(3)])
+    banned = logits[0].clone()
+    banned[top[0]] = float("-inf")
+    assert out.token_ids == [int(banned.argmax()), 7, top[2], 11]
+    # a ban holds under random sampling too, whatever the draw
+    ban_all_but_two = {t: -100 for t in range(50) if t not in (4, 9)}
+    many = draw(torch.zeros(50), SamplingParams(logit_bias=ban_all_but_two), 500)
+    assert set(many) == {4, 9}
+
+
+def test_logit_bias_moves_logprobs_and_keeps_the_input_intact() -> None:
+    """Logprobs include the bias (the forced token is the top one); the logits tensor (a CUDA graph's
+    output buffer, in the engine) is not written to."""
+    logits = torch.randn(2, 30, generator=gen(31))
+    before = logits.clone()
+    params = [SamplingParams(temperature=0.0, logprobs=2, logit_bias={5: 100}),
+              SamplingParams(temperature=0.0, logprobs=2, presence_penalty=1.0)]
+    out = sampler()(logits, params, [None, None], [[1, 2], [int(logits[1].argmax())]])
+    assert torch.equal(logits, before)
+    biased = logits[0].clone()
+    biased[5] += 100
+    assert out.logprobs[0].token_id == out.logprobs[0].top_ids[0] == 5
+    assert math.isclose(out.logprobs[0].logprob, float(biased.log_softmax(-1)[5]), abs_tol=1e-5)
+
