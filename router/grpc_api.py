@@ -33,9 +33,11 @@ def _body(request: api.CompletionRequest) -> tuple[str, dict[str, Any]]:
     for name in ("max_tokens", "top_k", "seed", "n"):
         if request.HasField(name):
             body[name] = getattr(request, name)
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         if request.HasField(name):
             body[name] = round(getattr(request, name), 6)
+    if request.logit_bias:  # keys as JSON would have them
+        body["logit_bias"] = {str(token_id): round(bias, 6) for token_id, bias in request.logit_bias.items()}
     if request.stop:
         body["stop"] = list(request.stop)
     kind = request.WhichOneof("prompt")
@@ -88,7 +90,8 @@ class CompletionsService(api_grpc.CompletionsServicer):
             if body["model"] != self.served_model_name:
                 raise NotFoundError(f"the model {body['model']!r} does not exist", field="model")
             if kind == "chat":
-                req = oai.parse_chat(body, self.tokenizer, max_model_len=self.max_model_len, max_n=self.max_n)
+                req = oai.parse_chat(body, self.tokenizer, max_model_len=self.max_model_len, max_n=self.max_n,
+                                     vocab_size=self.vocab_size)
             else:
                 req = oai.parse_completion(body, self.tokenizer, max_model_len=self.max_model_len, max_n=self.max_n,
                                            vocab_size=self.vocab_size)

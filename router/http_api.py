@@ -172,7 +172,8 @@ def create_app(router: Router, tokenizer: Tokenizer, settings: ApiSettings, *, k
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body = await _body(request)
-        parsed = oai.parse_chat(body, tokenizer, max_model_len=settings.max_model_len, max_n=settings.max_n)
+        parsed = oai.parse_chat(body, tokenizer, max_model_len=settings.max_model_len, max_n=settings.max_n,
+                                vocab_size=settings.vocab_size)
         return await _respond(parsed)
 
     async def _respond(req: oai.CompletionRequest) -> Response:

@@ -8,12 +8,12 @@ below produce the response objects and stream chunks of
 ``/v1/completions`` and ``/v1/chat/completions``.
 
 Supported beyond the basics: ``n``, ``seed``, ``stop``, ``logprobs`` (and
-``top_logprobs`` for chat), ``max_completion_tokens``, ``stream_options.include_usage``,
+``top_logprobs`` for chat), ``presence_penalty``, ``frequency_penalty``,
+``logit_bias``, ``max_completion_tokens``, ``stream_options.include_usage``,
 and vLLM's extensions ``top_k``, ``ignore_eos``, ``stop_token_ids``,
 ``skip_special_tokens``, ``include_stop_str_in_output``. Fields that would
-change the output in ways this server does not implement (penalties,
-``logit_bias``, ``tools``, ``best_of`` > ``n``, ``suffix``) are refused rather
-than silently ignored.
+change the output in ways this server does not implement (``tools``,
+``best_of`` > ``n``, ``suffix``) are refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -61,12 +61,6 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = body.get(name)
-        if value not in (None, 0, 0.0):
-            raise InvalidRequestError("is not supported by this server (only 0)", field=name)
-    if body.get("logit_bias"):
-        raise InvalidRequestError("is not supported by this server", field="logit_bias")
     if body.get("tools") or body.get("functions"):
         raise InvalidRequestError("tool calling is not supported by this server", field="tools")
     fmt = body.get("response_format")
@@ -77,7 +71,8 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
 
 
 def _common(body: dict[str, Any], *, max_model_len: int, max_n: int, default_max_tokens: int | None,
-            logprobs: int | None, longest_prompt: int) -> tuple[SamplingParams, int, bool, bool, bool]:
+            logprobs: int | None, longest_prompt: int, vocab_size: int
+            ) -> tuple[SamplingParams, int, bool, bool, bool]:
     _refuse_unsupported(body)
     n = _get(body, "n", int, 1)
     if not 1 <= n <= max_n:
@@ -116,7 +111,13 @@ def _common(body: dict[str, Any], *, max_model_len: int, max_n: int, default_max
         top_k=_get(body, "top_k", int, -1), seed=_get(body, "seed", int), stop=stop,
         stop_token_ids=_get(body, "stop_token_ids", list, []), ignore_eos=_get(body, "ignore_eos", bool, False),
         logprobs=logprobs, include_stop_str_in_output=_get(body, "include_stop_str_in_output", bool, False),
-        skip_special_tokens=_get(body, "skip_special_tokens", bool, True))
+        skip_special_tokens=_get(body, "skip_special_tokens", bool, True),
+        presence_penalty=_get(body, "presence_penalty", (int, float), 0.0),
+        frequency_penalty=_get(body, "frequency_penalty", (int, float), 0.0),
+        logit_bias=_get(body, "logit_bias", dict, {}))
+    if sampling.logit_bias and sampling.logit_bias[-1][0] >= vocab_size:  # sorted by token id
+        raise InvalidRequestError(f"token id {sampling.logit_bias[-1][0]} is outside the vocabulary "
+                                  f"[0, {vocab_size})", field="logit_bias")
     return sampling, n, stream, include_usage, user_max is not None
 
 
@@ -161,13 +162,15 @@ def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, *, max_model_le
         raise InvalidRequestError("echo with logprobs is not supported", field="echo")
     sampling, n, stream, include_usage, user_max = _common(
         body, max_model_len=max_model_len, max_n=max_n, default_max_tokens=16, logprobs=logprobs,
-        longest_prompt=max(len(p) for p in prompts))
+        longest_prompt=max(len(p) for p in prompts), vocab_size=vocab)
     echo_prompts = tuple(texts if texts is not None else [tokenizer.decode(p) for p in prompts]) if echo else None
     return CompletionRequest("completion", model, tuple(prompts), sampling, n, stream, include_usage,
                              echo_prompts, user_max)
 
 
-def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, *, max_model_len: int, max_n: int) -> CompletionRequest:
+def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, *, max_model_len: int, max_n: int,
+               vocab_size: int | None = None) -> CompletionRequest:
+    """``vocab_size``: the model's (logit_bias token ids must be below it); default the tokenizer's."""
     model = _model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -199,7 +202,7 @@ def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, *, max_model_len: int
     logprobs = (top or 0) if logprobs_on else None
     sampling, n, stream, include_usage, user_max = _common(
         body, max_model_len=max_model_len, max_n=max_n, default_max_tokens=None, logprobs=logprobs,
-        longest_prompt=len(prompt))
+        longest_prompt=len(prompt), vocab_size=vocab_size or tokenizer.vocab_size)
     return CompletionRequest("chat", model, (prompt,), sampling, n, stream, include_usage, None, user_max)
 
 

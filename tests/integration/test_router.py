@@ -164,6 +164,39 @@ def test_stop_string(stack, reference):
     assert out.choices[0].finish_reason == "stop"
 
 
+def test_penalties_and_logit_bias(stack, reference):
+    """Accepted on both endpoints, and the tokens are the engine's own with the same settings (the prefill
+    worker samples the first token, the decode worker penalises it with the rest)."""
+    router, *_ = stack
+    c = client(router)
+    prompt = "Repeat after me: the cache, the cache, the cache"
+    plain = reference(prompt, 32)
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.5}
+    want = reference(prompt, 32, logprobs=1, **penalties)
+    assert want.token_ids != plain.token_ids, "the penalties should change this output"
+    assert len(set(want.token_ids)) > len(set(plain.token_ids))
+    out = c.completions.create(model="model", prompt=prompt, max_tokens=32, temperature=0, logprobs=1, **penalties)
+    assert out.choices[0].text == want.text
+    assert [round(x, 3) for x in out.choices[0].logprobs.token_logprobs] == [round(lp.logprob, 3)
+                                                                            for lp in want.logprobs]
+    # logit_bias: JSON keys are strings; -100 bans a token, +100 forces one under greedy
+    banned = {str(t): -100 for t in set(plain.token_ids)}
+    out = c.completions.create(model="model", prompt=prompt, max_tokens=32, temperature=0, logit_bias=banned)
+    assert out.choices[0].text == reference(prompt, 32, logit_bias=banned).text
+    assert not set(reference.tokenizer.encode(out.choices[0].text)) & set(plain.token_ids)
+    forced = reference.tokenizer.encode(" cache")[-1]
+    messages = [{"role": "user", "content": "Say anything."}]
+    chat = c.chat.completions.create(model="model", messages=messages, max_tokens=5, temperature=0,
+                                     logit_bias={str(forced): 100}, logprobs=True, top_logprobs=2)
+    assert chat.choices[0].message.content == reference.tokenizer.decode([forced] * 5)
+    assert all(e.top_logprobs[0].token == e.token for e in chat.choices[0].logprobs.content)
+    # what the official client makes of a bad value
+    for bad in ({"logit_bias": {"5": 101}}, {"frequency_penalty": 2.1}):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.completions.create(model="model", prompt=prompt, max_tokens=4, **bad)
+        assert err.value.param == next(iter(bad)) and err.value.type == "invalid_request_error"
+
+
 def test_models_and_probes(stack):
     router, *_ = stack
     assert [m.id for m in client(router).models.list().data] == ["model"]
@@ -220,6 +253,22 @@ def test_bad_input_matrix(stack):
         ("n over the cap", json.dumps({**ok, "n": 5}).encode(), auth, 400, "n"),
         ("token id out of vocab", json.dumps({**ok, "prompt": [1, 999999]}).encode(), auth, 400, "prompt"),
         ("stop of the wrong type", json.dumps({**ok, "stop": 7}).encode(), auth, 400, "stop"),
+        ("presence_penalty > 2", json.dumps({**ok, "presence_penalty": 2.5}).encode(), auth, 400, "presence_penalty"),
+        ("frequency_penalty < -2", json.dumps({**ok, "frequency_penalty": -3}).encode(), auth, 400,
+         "frequency_penalty"),
+        ("frequency_penalty a string", json.dumps({**ok, "frequency_penalty": "1"}).encode(), auth, 400,
+         "frequency_penalty"),
+        ("logit_bias a list", json.dumps({**ok, "logit_bias": [[1, 2]]}).encode(), auth, 400, "logit_bias"),
+        ("logit_bias key not a token id", json.dumps({**ok, "logit_bias": {"hello": 1}}).encode(), auth, 400,
+         "logit_bias"),
+        ("logit_bias key outside the vocabulary", json.dumps({**ok, "logit_bias": {"999999": 1}}).encode(), auth,
+         400, "logit_bias"),
+        ("logit_bias value > 100", json.dumps({**ok, "logit_bias": {"5": 100.5}}).encode(), auth, 400,
+         "logit_bias"),
+        ("logit_bias value a string", json.dumps({**ok, "logit_bias": {"5": "x"}}).encode(), auth, 400,
+         "logit_bias"),
+        ("logit_bias over 300 entries", json.dumps({**ok, "logit_bias": {str(i): 1 for i in range(301)}}).encode(),
+         auth, 400, "logit_bias"),
         ("unknown model", json.dumps({**ok, "model": "gpt-9"}).encode(), auth, 404, "model"),
         ("missing key", json.dumps(ok).encode(), {"Content-Type": "application/json"}, 401, None),
         ("wrong key", json.dumps(ok).encode(), {**auth, "Authorization": "Bearer sk-nope"}, 401, None),
@@ -232,9 +281,13 @@ def test_bad_input_matrix(stack):
         assert error["message"] and error["type"], name
         if param is not None:
             assert error["param"] == param, (name, error)
-    chat = httpx.post(f"{router.address}/v1/chat/completions", headers=auth, timeout=30,
-                      content=json.dumps({"model": "model", "messages": "hi"}).encode())
+    chat_url = f"{router.address}/v1/chat/completions"
+    chat = httpx.post(chat_url, headers=auth, timeout=30, content=json.dumps({"model": "model", "messages": "hi"}))
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    messages = [{"role": "user", "content": "hi"}]
+    for bad in ({"logit_bias": {"999999": 1}}, {"presence_penalty": -2.5}):
+        chat = httpx.post(chat_url, headers=auth, timeout=30, json={"model": "model", "messages": messages, **bad})
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == next(iter(bad)), chat.text
     assert _queries(prefill, *decodes) == before, "a bad request reached a worker"
     assert httpx.post(url, content=json.dumps(ok).encode(), headers=auth, timeout=60).status_code == 200
 

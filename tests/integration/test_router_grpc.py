@@ -73,11 +73,26 @@ def test_grpc_matches_http(cluster):
     assert [m.id for m in stub.ListModels(api.ListModelsRequest(), metadata=AUTH).models] == ["model"]
 
 
+def test_grpc_penalties_and_logit_bias_match_http(cluster):
+    router, _, _, stub = cluster
+    settings = {"presence_penalty": 0.5, "frequency_penalty": 1.25, "logit_bias": {17: 4.0, 30: -100.0}}
+    texts, _, _ = _complete(stub, api.CompletionRequest(model="model", text="the cache, the cache, the cache",
+                                                        max_tokens=16, temperature=0, **settings))
+    body = {"model": "model", "prompt": "the cache, the cache, the cache", "max_tokens": 16, "temperature": 0}
+    http = [httpx.post(f"{router.address}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={**body, **extra}, timeout=60).json()["choices"][0]["text"]
+            for extra in ({**settings, "logit_bias": {str(k): v for k, v in settings["logit_bias"].items()}}, {})]
+    assert texts[0] == http[0] != http[1]
+
+
 @pytest.mark.parametrize("request_, code", [
     (api.CompletionRequest(model="model", text="x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT),
     (api.CompletionRequest(model="model", text="x", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT),
     (api.CompletionRequest(model="model", text="x", n=99), grpc.StatusCode.INVALID_ARGUMENT),
     (api.CompletionRequest(model="model"), grpc.StatusCode.INVALID_ARGUMENT),
+    (api.CompletionRequest(model="model", text="x", presence_penalty=2.5), grpc.StatusCode.INVALID_ARGUMENT),
+    (api.CompletionRequest(model="model", text="x", logit_bias={5: 101.0}), grpc.StatusCode.INVALID_ARGUMENT),
+    (api.CompletionRequest(model="model", text="x", logit_bias={10**6: 1.0}), grpc.StatusCode.INVALID_ARGUMENT),
     (api.CompletionRequest(model="nope", text="x"), grpc.StatusCode.NOT_FOUND),
 ])
 def test_grpc_errors(cluster, request_, code):
