@@ -139,6 +139,13 @@ class KVProducer:
         task = asyncio.current_task()
         transfer.handler_tasks.add(task)
         ok = False
+
+        def handler_ended(_: asyncio.Task) -> None:
+            # gRPC cancels a handler while it awaits a write, with this generator suspended at its yield: the
+            # ``finally`` below then waits for the garbage collector, and the blocks with it
+            self.stream_done(transfer.request_id, index, False)
+
+        task.add_done_callback(handler_ended)
         try:
             queue = transfer.queues[index]
             while (item := await queue.get()) is not END:
@@ -149,6 +156,7 @@ class KVProducer:
                 raise KVTransferError("the transfer was cut off")
             ok = True
         finally:
+            task.remove_done_callback(handler_ended)
             transfer.handler_tasks.discard(task)
             self.stream_done(transfer.request_id, index, ok)
 

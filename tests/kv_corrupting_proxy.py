@@ -30,14 +30,20 @@ async def main(upstream: str, mode: str) -> None:
 
         async def handler(request: bytes, context: grpc.aio.ServicerContext):
             nonlocal corrupted
-            async for message in call(request):
-                if not corrupted and message[:1] == b"\x0a" and len(message) > 4096:
-                    data = bytearray(message)
-                    # header bytes sit right after the two length prefixes; payload is at the end
-                    data[12 if mode == "header" else len(data) - 100] ^= 0x5A
-                    message = bytes(data)
-                    corrupted = True
-                yield message
+            upstream_call = call(request)
+            try:
+                async for message in upstream_call:
+                    if not corrupted and message[:1] == b"\x0a" and len(message) > 4096:
+                        data = bytearray(message)
+                        # header bytes sit right after the two length prefixes; payload is at the end
+                        data[12 if mode == "header" else len(data) - 100] ^= 0x5A
+                        message = bytes(data)
+                        corrupted = True
+                    yield message
+            finally:
+                # the client went away (it rejected the chunk): tell the prefill worker now, as a direct
+                # connection would, not whenever this call happens to be garbage-collected
+                upstream_call.cancel()
 
         return grpc.unary_stream_rpc_method_handler(handler, request_deserializer=_identity,
                                                      response_serializer=_identity)
