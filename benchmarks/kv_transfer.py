@@ -8,7 +8,8 @@ write into a cache). Beside it, in the same run and against the same server
 process, a plain gRPC server stream of the same bytes in the same message
 sizes (4 MiB), received and dropped. Prints GB/s of each and the ratio. Both
 processes set malloc up as workers do (``kvtransfer.host_memory``), unless
-``--default-malloc``.
+``--default-malloc``. One more variant runs the transport with payload
+checksums off (a worker's ``--no-kv-checksum``), to show what they cost.
 
 Part 2 starts a prefill worker and a decode worker on the demo model and times
 the first token of requests prefilled remotely (KV moved) against requests the
@@ -61,7 +62,7 @@ def _cache(seed: int) -> list[torch.Tensor]:
 # --- producer process --------------------------------------------------------------------------
 
 
-async def serve() -> None:
+async def serve(checksum: bool) -> None:
     kv = _cache(0)
     loop = asyncio.get_running_loop()
     producer = KVProducer(kv, loop, lease_s=60)
@@ -79,7 +80,7 @@ async def serve() -> None:
         loop.call_soon_threadsafe(producer.prefilled, request.request_id, n % 1000, None, 0)
 
     async def prefill(request: pb.PrefillRequest, context):
-        sink = make_sink(request.transport, request.transport_params, producer.layout, checksum=True)
+        sink = make_sink(request.transport, request.transport_params, producer.layout, checksum=checksum)
         transfer = producer.open(request.request_id, len(request.prompt_token_ids), list(request.dest_block_ids),
                                  0, sink, request.num_streams)
         threading.Thread(target=compute, args=(request,)).start()
@@ -162,19 +163,23 @@ class PlainRun:
 
 
 def part1(repeats: int, default_malloc: bool) -> dict:
-    """Runs interleave (plain, grpc x1, grpc x2, local, then again), so a slow patch of a shared machine
-    hits every variant alike; each ratio is the median of the per-round ratios to the plain stream."""
+    """Runs interleave (plain, grpc x1, grpc x2, local, grpc x1 without payload checksums, then again), so a
+    slow patch of a shared machine hits every variant alike; each ratio is the median of the per-round ratios
+    to the plain stream. The last variant (a worker's ``--no-kv-checksum``) is served by a second producer
+    process, and shows what the payload checksums cost."""
     extra = ["--default-malloc"] if default_malloc else []
-    server = subprocess.Popen([sys.executable, __file__, "--serve", *extra], stdout=subprocess.PIPE, text=True)
+    servers = [subprocess.Popen([sys.executable, __file__, "--serve", *extra, *flag], stdout=subprocess.PIPE,
+                                text=True) for flag in ([], ["--no-checksum"])]
     try:
-        address = server.stdout.readline().split("address=")[1].strip()
+        address, unchecked = (s.stdout.readline().split("address=")[1].strip() for s in servers)
         size = TOTAL_BYTES
 
         async def all_runs() -> dict:
             variants = {"plain_grpc_stream": PlainRun(address),
                         "grpc_1_stream": TransportRun(address, pb.KV_TRANSPORT_GRPC, 1),
                         "grpc_2_streams": TransportRun(address, pb.KV_TRANSPORT_GRPC, 2),
-                        "local_shm": TransportRun(address, pb.KV_TRANSPORT_LOCAL, 1)}
+                        "local_shm": TransportRun(address, pb.KV_TRANSPORT_LOCAL, 1),
+                        "grpc_1_stream_no_checksum": TransportRun(unchecked, pb.KV_TRANSPORT_GRPC, 1)}
             out: dict[str, list[float]] = {name: [] for name in variants}
             for i in range(repeats + 1):
                 for name, variant in variants.items():
@@ -187,13 +192,14 @@ def part1(repeats: int, default_malloc: bool) -> dict:
 
         runs = asyncio.run(all_runs())
     finally:
-        server.kill()
+        for server in servers:
+            server.kill()
     result = {"bytes": size, "rounds": repeats, "gb_per_s": {}, "seconds": {}}
     for name, times in runs.items():
         result["gb_per_s"][name] = round(size / statistics.median(times) / 1e9, 3)
         result["seconds"][name] = [round(t, 4) for t in times]
     plain = runs["plain_grpc_stream"]
-    for name in ("grpc_1_stream", "grpc_2_streams"):
+    for name in ("grpc_1_stream", "grpc_2_streams", "grpc_1_stream_no_checksum"):
         result[f"ratio_{name}"] = round(statistics.median(p / t for p, t in zip(plain, runs[name])), 3)
     return result
 
@@ -249,6 +255,7 @@ def part2(repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-checksum", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--default-malloc", action="store_true",
@@ -258,7 +265,7 @@ def main() -> None:
     if not args.default_malloc:
         keep_transfer_buffers()
     if args.serve:
-        asyncio.run(serve())
+        asyncio.run(serve(not args.no_checksum))
         return
     transfer = part1(args.repeats, args.default_malloc)
     transfer["malloc"] = "glibc defaults" if args.default_malloc else "keep_transfer_buffers"
@@ -267,7 +274,8 @@ def main() -> None:
         print(f"  {name:20s} {rate:7.3f} GB/s")
     print("  ratio grpc transport / plain gRPC stream (median of per-round ratios): "
           f"{transfer['ratio_grpc_1_stream']:.2f} (1 stream), "
-          f"{transfer['ratio_grpc_2_streams']:.2f} (2 streams)")
+          f"{transfer['ratio_grpc_2_streams']:.2f} (2 streams), "
+          f"{transfer['ratio_grpc_1_stream_no_checksum']:.2f} (1 stream, no payload checksums)")
     ttft = part2(args.repeats)
     print("time to first token, demo model (median):")
     for n, r in ttft.items():
