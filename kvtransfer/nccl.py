@@ -325,6 +325,12 @@ class NcclSource:
                 _free[self.peer].append(channel)
             return
         channel.abort()
+        # receives and scatters still queued write into blocks the caller frees next: the engine's stream (the
+        # device's default one) waits for them, so a later owner's writes land after (they end quickly once
+        # the communicator is aborted)
+        compute = torch.cuda.default_stream(self.device)
+        compute.wait_stream(channel.stream)
+        compute.wait_stream(channel.scatter_stream)
         with _pool_lock:
             _count[self.peer] -= 1
 
