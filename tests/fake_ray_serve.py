@@ -12,6 +12,8 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.k8s_stand_in import send_json
+
 
 class FakeServe:
     def __init__(self, replicas: dict[str, int], *, app: str = "pdserve", token: str | None = None,
@@ -28,17 +30,9 @@ class FakeServe:
             def log_message(self, *args):  # quiet
                 pass
 
-            def _reply(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
             def _authorized(self) -> bool:
                 if fake.token is not None and self.headers.get("Authorization") != f"Bearer {fake.token}":
-                    self._reply(401, {"error": "Unauthorized: Missing authentication token"})
+                    send_json(self, 401, {"error": "Unauthorized: Missing authentication token"})
                     return False
                 return True
 
@@ -47,7 +41,7 @@ class FakeServe:
                 if not self._authorized():
                     return
                 deployments = {name: {"name": name, "target_num_replicas": n} for name, n in fake.replicas.items()}
-                self._reply(200, {"applications": {fake.app: {"status": "RUNNING", "deployments": deployments}}})
+                send_json(self, 200, {"applications": {fake.app: {"status": "RUNNING", "deployments": deployments}}})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -57,13 +51,13 @@ class FakeServe:
                 prefix = f"/api/v1/applications/{fake.app}/deployments/"
                 name = self.path.removeprefix(prefix).removesuffix("/scale")
                 if not fake.external_scaler:
-                    self._reply(412, {"error": "external_scaler_enabled is false"})
+                    send_json(self, 412, {"error": "external_scaler_enabled is false"})
                 elif not self.path.startswith(prefix) or name not in fake.replicas:
-                    self._reply(404, {"error": "Application or Deployment not found"})
+                    send_json(self, 404, {"error": "Application or Deployment not found"})
                 else:
                     fake.replicas[name] = body["target_num_replicas"]
                     fake.scaled.append((name, body["target_num_replicas"]))
-                    self._reply(200, {"message": "Scaling request received."})
+                    send_json(self, 200, {"message": "Scaling request received."})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -3,7 +3,7 @@
 :class:`StandInApiServer` serves HTTP/1.1 on a free local port and hands every request, whatever
 its verb, to the subclass's ``handle``; :meth:`~StandInApiServer.api_client` is an official
 ``kubernetes`` client pointed at it with a bearer token. :func:`status` is the API server's
-``Status`` error body and :func:`send_json` writes one JSON answer.
+``Status`` error body and :func:`send_json` writes one JSON answer (``fake_ray_serve`` uses it too).
 """
 
 from __future__ import annotations
