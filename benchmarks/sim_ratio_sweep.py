@@ -20,6 +20,7 @@ GPU-hours integrate provisioned instances x 4 GPUs over the run (start-up time i
 from __future__ import annotations
 
 import argparse
+import functools
 
 from bench_env import AZURE_CONV
 from sim_common import calibration, png, table, write
@@ -47,12 +48,7 @@ def main() -> None:
         config = cluster_config(cal, trace.block_size, num_prefill=prefill, num_decode=decode, routing=routing)
         return Simulation(config, cal.cost, scaler=scaler, scaling=ScalingConfig(startup_delay_s=startup_s)).run(trace)
 
-    static_runs = {}  # (prefill, decode) -> SimResult: a run is a function of its inputs, so the plots reuse them
-
-    def run_static(prefill: int, decode: int):
-        if (prefill, decode) not in static_runs:
-            static_runs[prefill, decode] = run(prefill, decode)
-        return static_runs[prefill, decode]
+    run_static = functools.cache(run)  # (prefill, decode): a run is a function of its inputs, the plots reuse them
 
     sweep = []
     for p in range(1, args.budget):
