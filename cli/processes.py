@@ -93,7 +93,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    """A third-party server (Prometheus, Redis) run as a child process on a loopback port.
+    """A server that prints no ``PDSERVE_READY`` line (Prometheus, Redis; in tests ``pdserve autoscaler``)
+    run as a child process on a loopback port.
 
     Subclasses give ``name``, ``command()`` and ``ready()``; ``start()`` runs the command with its
     output in ``log_path`` and waits for ``ready()``; ``stop()`` sends SIGTERM (so the server
