@@ -13,8 +13,8 @@ The nccl transport is timed two ways: end to end (``KVConsumer.fetch``: the
 Prefill RPC, the step announcement, the data, ``PrefillDone``), and its data
 alone (CUDA events on the consumer: first receive posted to last block
 scattered), which is what the torch.distributed baseline's timing covers. It
-runs at several message sizes (``PDSERVE_NCCL_MESSAGE_MIB``; 16 MiB is one
-layer here), and torch.distributed sends the same bytes in messages of the
+runs at several message sizes (a prefill worker's ``--kv-nccl-message-mib``;
+16 MiB is one layer here), and torch.distributed sends the same bytes in messages of the
 same sizes, to separate what the message size costs from what our code costs.
 
     python benchmarks/gpu_kv_transfer.py --json FILE
@@ -60,7 +60,7 @@ def make_cache(seed: int, device: str) -> list[torch.Tensor]:
             for _ in range(LAYERS)]
 
 
-async def serve(device: str) -> None:
+async def serve(device: str, message_mib: int) -> None:
     torch.cuda.set_device(device)
     kv = make_cache(0, device)
     loop = asyncio.get_running_loop()
@@ -79,7 +79,7 @@ async def serve(device: str) -> None:
 
     async def prefill(request: pb.PrefillRequest, context):
         sink = await open_sink(request.transport, request.transport_params, producer.layout, checksum=True,
-                               device=torch.device(device))
+                               device=torch.device(device), nccl_message_bytes=message_mib << 20)
         transfer = producer.open(request.request_id, len(request.prompt_token_ids), list(request.dest_block_ids),
                                  0, sink, request.num_streams)
         threading.Thread(target=compute, args=(request,)).start()
@@ -200,9 +200,9 @@ async def measure(address: str, mib: int, with_grpc: bool, repeats: int, seconds
 
 
 def start_server(message_mib: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "PDSERVE_NCCL_MESSAGE_MIB": str(message_mib)}
-    server = subprocess.Popen([sys.executable, __file__, "--serve", "cuda:0", *extra], stdout=subprocess.PIPE,
-                              text=True, env=env)
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
+    server = subprocess.Popen([sys.executable, __file__, "--serve", "cuda:0", "--nccl-message-mib", str(message_mib),
+                               *extra], stdout=subprocess.PIPE, text=True, env=env)
     return server, server.stdout.readline().split()[1]
 
 
@@ -213,8 +213,8 @@ def main() -> None:
     parser.add_argument("--dist-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--nccl-message-mib", default="16,64,128,512",
-                        help="nccl transport message sizes to run (PDSERVE_NCCL_MESSAGE_MIB); 64, the "
-                             "transport's default, gives the headline figure")
+                        help="nccl transport message sizes to run (a prefill worker's --kv-nccl-message-mib); 64, "
+                             "the default, gives the headline figure")
     parser.add_argument("--json")
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--dump-stacks-after", type=float, help="print every thread's stack after this many s")
@@ -225,7 +225,7 @@ def main() -> None:
 
         faulthandler.dump_traceback_later(args.dump_stacks_after, exit=False)
     if args.serve:
-        asyncio.run(serve(args.serve))
+        asyncio.run(serve(args.serve, message_mib[0]))
         return
     global TIMEOUT_S
     TIMEOUT_S = args.timeout

@@ -146,6 +146,8 @@ class WorkerConfig:
     """Deadline of one KV transfer, prefill compute included."""
     kv_lease_s: float = 30.0
     """Prefill role: how long a finished prefill's blocks wait for their consumer before being freed."""
+    kv_nccl_message_mib: int = 64
+    """Prefill role, nccl transport: a step's KV goes out in messages of about this size (whole layers)."""
     local_prefill_max_tokens: int = 32
     """Decode role: prompts with at most this many uncached tokens are prefilled locally."""
     local_prefill_min_cached_ratio: float = 0.9
@@ -172,6 +174,7 @@ class WorkerConfig:
         _check(1 <= self.kv_num_streams <= 16, "kv_num_streams", f"must be in [1, 16], got {self.kv_num_streams}")
         _check(self.kv_transfer_timeout_s > 0, "kv_transfer_timeout_s", "must be positive")
         _check(self.kv_lease_s > 0, "kv_lease_s", "must be positive")
+        _check(self.kv_nccl_message_mib > 0, "kv_nccl_message_mib", "must be positive")
         _check(self.local_prefill_max_tokens >= 0, "local_prefill_max_tokens", "must be >= 0")
         _check(0 < self.local_prefill_min_cached_ratio <= 1, "local_prefill_min_cached_ratio",
                "must be in (0, 1]")

@@ -28,8 +28,8 @@ message arrives. ``finish`` waits, with a deadline, for the last scatter; a
 transfer that fails or times out aborts its channel. GPU payloads carry no
 checksum (headers do).
 
-``PDSERVE_NCCL_MESSAGE_MIB`` (producer side, default 64) sets the message size
-a step aims for: whole layers, at least one, at most the step's all.
+The prefill worker's ``kv_nccl_message_mib`` (default 64) sets the message
+size a step aims for: whole layers, at least one, at most the step's all.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import secrets
 import threading
 import time
@@ -48,7 +47,7 @@ import torch
 from common.errors import InvalidRequestError, KVTransferError
 from common.rpc import worker_pb2 as pb
 from kvtransfer.codec import encode_header
-from kvtransfer.layout import DTYPES, KVLayout
+from kvtransfer.layout import KVLayout
 
 logger = logging.getLogger(__name__)
 
@@ -123,27 +122,29 @@ def _device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
 _producer_channels: dict[str, Channel] = {}
 
 
+def message_groups(first: int, num_layers: int, per_message: int) -> list[range]:
+    """The layers of each message of a step: ``per_message`` at a time (the last may hold fewer)."""
+    end = first + num_layers
+    return [range(i, min(i + per_message, end)) for i in range(first, end, per_message)]
+
+
 class NcclSink:
     announces_steps = True
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, layout: KVLayout, message_bytes: int) -> None:
         self.channel = channel
+        self.layout = layout
+        self.message_bytes = message_bytes
         self._ids: torch.Tensor | None = None  # the announced step's source blocks, on the device
         self._groups: list[range] = []  # the step's layers, message by message
-        self._shape: tuple[int, ...] = ()  # one layer's part of a message
         self._buffer: torch.Tensor | None = None  # the message being filled
-
-    def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]) -> bytes:
-        raise NotImplementedError("the nccl sink announces whole steps")
 
     def announce(self, header: pb.KVChunkHeader, src_block_ids: list[int]) -> bytes:
         num_layers = max(1, header.num_layers)
-        layer_bytes = 2 * len(src_block_ids) * _block_bytes(header)
-        per_message = min(num_layers, max(1, -(-message_bytes() // layer_bytes)))
-        first, end = header.layer, header.layer + num_layers
-        self._groups = [range(i, min(i + per_message, end)) for i in range(first, end, per_message)]
+        layer_bytes = 2 * len(src_block_ids) * self.layout.block_bytes
+        per_message = min(num_layers, max(1, -(-self.message_bytes // layer_bytes)))
+        self._groups = message_groups(header.layer, num_layers, per_message)
         self._ids = _device_ids(src_block_ids, self.channel.device)
-        self._shape = tuple(header.shape)
         self._buffer = None
         header.layers_per_message = per_message
         header.payload_bytes = layer_bytes * num_layers
@@ -152,8 +153,8 @@ class NcclSink:
     def send_layer(self, layer: int, layer_cache: torch.Tensor) -> None:
         group = next(g for g in self._groups if layer in g)
         if layer == group.start:
-            self._buffer = torch.empty((len(group), *self._shape), dtype=layer_cache.dtype,
-                                       device=layer_cache.device)
+            self._buffer = torch.empty((len(group), *self.layout.chunk_shape(len(self._ids))),
+                                       dtype=layer_cache.dtype, device=layer_cache.device)
         # gather on the compute stream, right after the layer: the blocks may be reused once the transfer
         # closes, the staging copy lives until its send is done
         torch.index_select(layer_cache, 1, self._ids, out=self._buffer[layer - group.start])
@@ -173,17 +174,7 @@ class NcclSink:
             _producer_channels.pop(self.channel.key, None)
 
 
-def message_bytes() -> int:
-    return max(1, int(os.environ.get("PDSERVE_NCCL_MESSAGE_MIB", "64"))) << 20
-
-
-def _block_bytes(header: pb.KVChunkHeader) -> int:
-    """Bytes of K (or V) of one block, from a header's shape and dtype."""
-    _, _, block_size, heads, dim = header.shape
-    return block_size * heads * dim * DTYPES[header.dtype].itemsize
-
-
-async def open_nccl_sink(params: bytes, device: torch.device) -> NcclSink:
+async def open_nccl_sink(params: bytes, device: torch.device, layout: KVLayout, message_bytes: int) -> NcclSink:
     if device.type != "cuda":
         raise InvalidRequestError("the nccl transport needs a CUDA device", field="transport")
     kind, key = params[:1], params[1:1 + KEY_BYTES].decode(errors="replace")
@@ -191,7 +182,7 @@ async def open_nccl_sink(params: bytes, device: torch.device) -> NcclSink:
         channel = _producer_channels.get(key)
         if channel is None or channel.broken:
             raise InvalidRequestError(f"unknown NCCL channel {key!r}", field="transport_params")
-        return NcclSink(channel)
+        return NcclSink(channel, layout, message_bytes)
     if kind != b"N" or len(params) != 1 + KEY_BYTES + 128:
         raise InvalidRequestError("malformed NCCL transport parameters", field="transport_params")
     uid = params[1 + KEY_BYTES:]
@@ -201,7 +192,7 @@ async def open_nccl_sink(params: bytes, device: torch.device) -> NcclSink:
     except TimeoutError as e:
         raise InvalidRequestError("the consumer never joined the NCCL channel", field="transport_params") from e
     _producer_channels[key] = channel
-    return NcclSink(channel)
+    return NcclSink(channel, layout, message_bytes)
 
 
 # --- consumer (decode worker) ------------------------------------------------------------------
@@ -272,8 +263,7 @@ class NcclSource:
                     self._first.record(recv_stream)
                 ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
                 ring_size = max(1, min(STAGING_BUFFERS, STAGING_BYTES // (nbytes // len(layers) * per_message)))
-                for index, start in enumerate(range(layers.start, layers.stop, per_message)):
-                    group = range(start, min(start + per_message, layers.stop))
+                for index, group in enumerate(message_groups(layers.start, len(layers), per_message)):
                     if len(ring) < ring_size:
                         buffer = torch.empty(shape, dtype=layout.torch_dtype, device=channel.device)
                         buffer.record_stream(scatter_stream)

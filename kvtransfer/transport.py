@@ -114,7 +114,7 @@ class DeferredChunk:
         self.frame, self.parts, self.sink = frame, parts, sink
         self.nbytes = len(frame) + sum(p.nbytes for p in parts)
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # the size of the message it will serialize to
         return self.nbytes
 
     def SerializeToString(self) -> bytes:  # the name gRPC handlers call on a response message
@@ -308,12 +308,13 @@ class LocalSink:
         self._map.close()
 
 
-async def open_sink(transport: int, params: bytes, layout: KVLayout, *, checksum: bool,
-                    device: torch.device) -> PayloadSink:
+async def open_sink(transport: int, params: bytes, layout: KVLayout, *, checksum: bool, device: torch.device,
+                    nccl_message_bytes: int) -> PayloadSink:
+    """``nccl_message_bytes``: the size of the messages the nccl transport aims for (whole layers each)."""
     if transport == pb.KV_TRANSPORT_NCCL:
         from kvtransfer.nccl import open_nccl_sink
 
-        return await open_nccl_sink(params, device)
+        return await open_nccl_sink(params, device, layout, nccl_message_bytes)
     return make_sink(transport, params, layout, checksum=checksum)
 
 

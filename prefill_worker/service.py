@@ -27,7 +27,7 @@ from engine.async_engine import AsyncEngine
 from engine.request import RequestMode
 from kvtransfer.layout import KVLayout
 from kvtransfer.producer import KVProducer
-from kvtransfer.transport import open_sink
+from kvtransfer.transport import PayloadSink, open_sink
 from worker.grpc_errors import grpc_errors
 from worker.roles import RoleGate
 
@@ -110,19 +110,22 @@ class PrefillWorker:
         if self.producer.get(request.request_id) is not None:
             raise InvalidRequestError("a transfer with this id is in flight", field="request_id")
 
+    async def _open_sink(self, request: pb.PrefillRequest) -> PayloadSink:
+        return await open_sink(request.transport, request.transport_params, self.layout,
+                               checksum=self.config.kv_checksum, device=self.engine.core.device,
+                               nccl_message_bytes=self.config.kv_nccl_message_mib << 20)
+
     @grpc_errors
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         if request.transport == pb.KV_TRANSPORT_NCCL:  # join the consumer's new channel even if refusing below,
-            sink = await open_sink(request.transport, request.transport_params, self.layout,  # or it waits forever
-                                   checksum=self.config.kv_checksum, device=self.engine.core.device)
+            sink = await self._open_sink(request)  # or it waits forever
         self._validate(request)
         rid = request.request_id
         prompt = prompt_from_proto(request.prompt_token_ids)
         sampling = sampling_from_proto(request.sampling)
         self.engine.core.validate(rid, prompt, sampling)  # fail fast, before a transfer exists
         if request.transport != pb.KV_TRANSPORT_NCCL:
-            sink = await open_sink(request.transport, request.transport_params, self.layout,
-                                   checksum=self.config.kv_checksum, device=self.engine.core.device)
+            sink = await self._open_sink(request)
         transfer = self.producer.open(rid, len(prompt), list(request.dest_block_ids), request.num_cached_tokens,
                                       sink, request.num_streams or 1)
         self._compute_tasks[rid] = asyncio.create_task(self._compute(rid, prompt, sampling))
