@@ -64,7 +64,6 @@ class ProducerTransfer:
     handler_tasks: set[asyncio.Task] = field(default_factory=set)
     streams_done: set[int] = field(default_factory=set)
     attached: asyncio.Event = field(default_factory=asyncio.Event)
-    bytes_sent: int = 0
 
     @property
     def num_streams(self) -> int:
@@ -253,13 +252,11 @@ class KVProducer:
         """Queue one chunk message (its header covering ``num_layers`` layers from ``layer``) on its stream."""
         header = pb.KVChunkHeader(request_id=t.request_id, layer=layer, block_ids=dest_ids, dtype=self.layout.dtype,
                                   shape=self.layout.chunk_shape(len(dest_ids)), sequence=t.sequence,
-                                  num_layers=num_layers if num_layers > 1 else 0)
+                                  num_layers=num_layers)
         t.sequence += 1
         message = self._guard(t, lambda: encode(header))
-        if message is None:
-            return
-        t.bytes_sent += len(message) if header.shm_name == "" else header.payload_bytes
-        self.loop.call_soon_threadsafe(t.queues[layer % t.num_streams].put_nowait, message)
+        if message is not None:
+            self.loop.call_soon_threadsafe(t.queues[layer % t.num_streams].put_nowait, message)
 
     def _guard(self, t: ProducerTransfer, action: Callable[[], bytes | None]) -> bytes | None:
         """Run a sink call; if it fails, the transfer fails (and is closed on the loop)."""
