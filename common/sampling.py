@@ -171,6 +171,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse token ids (``stop_token_ids``, ``logit_bias``) outside ``[0, vocab_size)``."""
+        if any(t >= vocab_size for t in self.stop_token_ids):
+            raise InvalidRequestError("stop token id outside the vocabulary", field="stop_token_ids")
+        if self.logit_bias and self.logit_bias[-1][0] >= vocab_size:  # sorted by token id
+            raise InvalidRequestError(f"token id {self.logit_bias[-1][0]} is outside the vocabulary "
+                                      f"[0, {vocab_size})", field="logit_bias")
+
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

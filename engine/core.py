@@ -138,11 +138,7 @@ class EngineCore:
             raise InvalidRequestError(
                 f"prompt + max_tokens needs more KV blocks than this engine has ({self.kv.num_blocks})",
                 field="max_tokens")
-        if any(t >= vocab for t in sampling.stop_token_ids):
-            raise InvalidRequestError("stop token id outside the vocabulary", field="stop_token_ids")
-        if sampling.logit_bias and sampling.logit_bias[-1][0] >= vocab:  # sorted by token id
-            raise InvalidRequestError(f"token id {sampling.logit_bias[-1][0]} is outside the vocabulary "
-                                      f"[0, {vocab})", field="logit_bias")
+        sampling.check_vocabulary(vocab)
         if sampling.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer in the model directory", field="stop")
 

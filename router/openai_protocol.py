@@ -115,9 +115,7 @@ def _common(body: dict[str, Any], *, max_model_len: int, max_n: int, default_max
         presence_penalty=_get(body, "presence_penalty", (int, float), 0.0),
         frequency_penalty=_get(body, "frequency_penalty", (int, float), 0.0),
         logit_bias=_get(body, "logit_bias", dict, {}))
-    if sampling.logit_bias and sampling.logit_bias[-1][0] >= vocab_size:  # sorted by token id
-        raise InvalidRequestError(f"token id {sampling.logit_bias[-1][0]} is outside the vocabulary "
-                                  f"[0, {vocab_size})", field="logit_bias")
+    sampling.check_vocabulary(vocab_size)
     return sampling, n, stream, include_usage, user_max is not None
 
 
