@@ -236,7 +236,8 @@ class RouterConfig:
     router_id: str = ""
     """This replica's name in shared state (default: host:port)."""
     k8s_namespace: str = ""
-    """Kubernetes discovery: namespace of the worker EndpointSlices (default: this pod's)."""
+    """Kubernetes discovery: namespace of the worker EndpointSlices (default: this pod's, else the kubeconfig
+    context's, else ``default``)."""
     k8s_prefill_selector: str = "app.kubernetes.io/component=prefill"
     k8s_decode_selector: str = "app.kubernetes.io/component=decode"
     k8s_port_name: str = "grpc"
