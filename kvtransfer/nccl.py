@@ -14,10 +14,11 @@ Control never waits on data, and data never waits on control per layer. At
 the start of each engine step the producer announces, in one header down the
 Prefill stream, the blocks the step will send of every layer and how many
 layers each message carries; the consumer posts all of that step's receives
-on the channel's stream at once. After each layer the producer gathers that
-layer's blocks into the current message's staging buffer on the compute
-stream; when a message is full it goes out on the channel's stream, so sends
-overlap the next layers' compute. Messages of several layers are used because
+on the channel's stream at once. When a message's last layer is done, the
+producer gathers the message's blocks of all its layers into a staging buffer
+on the compute stream (kvtransfer/block_copy.py, one launch) and sends it on
+the channel's stream, so sends overlap the next layers' compute. Messages of
+several layers are used because
 NVLink point-to-point moves small messages slower (on 2 H200s,
 benchmarks/gpu_kv_transfer.py: torch.distributed sends 512 MiB at 361 GB/s as
 one message, 270 as 16 MiB ones, 336 as 64 MiB ones; this transport's data
@@ -46,6 +47,7 @@ import torch
 
 from common.errors import InvalidRequestError, KVTransferError
 from common.rpc import worker_pb2 as pb
+from kvtransfer.block_copy import gather_blocks, scatter_blocks
 from kvtransfer.codec import encode_header
 from kvtransfer.layout import KVLayout
 
@@ -137,7 +139,7 @@ class NcclSink:
         self.message_bytes = message_bytes
         self._ids: torch.Tensor | None = None  # the announced step's source blocks, on the device
         self._groups: list[range] = []  # the step's layers, message by message
-        self._buffer: torch.Tensor | None = None  # the message being filled
+        self._caches: list[torch.Tensor] = []  # the current message's layers done so far
 
     def announce(self, header: pb.KVChunkHeader, src_block_ids: list[int]) -> bytes:
         num_layers = max(1, header.num_layers)
@@ -145,7 +147,7 @@ class NcclSink:
         per_message = min(num_layers, max(1, -(-self.message_bytes // layer_bytes)))
         self._groups = message_groups(header.layer, num_layers, per_message)
         self._ids = _device_ids(src_block_ids, self.channel.device)
-        self._buffer = None
+        self._caches = []
         header.layers_per_message = per_message
         header.payload_bytes = layer_bytes * num_layers
         return encode_header(header)
@@ -153,20 +155,22 @@ class NcclSink:
     def send_layer(self, layer: int, layer_cache: torch.Tensor) -> None:
         group = next(g for g in self._groups if layer in g)
         if layer == group.start:
-            self._buffer = torch.empty((len(group), *self.layout.chunk_shape(len(self._ids))),
-                                       dtype=layer_cache.dtype, device=layer_cache.device)
-        # gather on the compute stream, right after the layer: the blocks may be reused once the transfer
-        # closes, the staging copy lives until its send is done
-        torch.index_select(layer_cache, 1, self._ids, out=self._buffer[layer - group.start])
+            self._caches = []
+        self._caches.append(layer_cache)
         if layer != group.stop - 1:
             return
+        # the message's layers are done: gather them on the compute stream, in one launch (their blocks stay
+        # as they are until the step ends; the staging copy lives until its send is done)
+        buffer = torch.empty((len(group), *self.layout.chunk_shape(len(self._ids))), dtype=layer_cache.dtype,
+                             device=layer_cache.device)
+        gather_blocks(self._caches, self._ids, buffer)
+        self._caches = []
         ready = torch.cuda.Event()
         ready.record()
         stream = self.channel.stream
         stream.wait_event(ready)
-        self.channel.send(self._buffer)
-        self._buffer.record_stream(stream)
-        self._buffer = None
+        self.channel.send(buffer)
+        buffer.record_stream(stream)
 
     def close(self, completed: bool = True) -> None:
         if not completed:  # the consumer may be gone mid-transfer: this channel's order is lost
@@ -277,9 +281,7 @@ class NcclSource:
                     received.record(recv_stream)
                     scatter_stream.wait_event(received)
                     with torch.cuda.stream(scatter_stream):
-                        for i, layer in enumerate(group):
-                            for kv in (0, 1):
-                                kv_caches[layer][kv].index_copy_(0, device_ids, message[i, kv])
+                        scatter_blocks(message, [kv_caches[layer] for layer in group], device_ids)
                         scattered = torch.cuda.Event(enable_timing=True)
                         scattered.record(scatter_stream)
                     ring[index % ring_size] = (buffer, scattered)
