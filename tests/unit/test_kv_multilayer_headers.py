@@ -50,6 +50,7 @@ def test_a_step_header_marks_every_layer_it_covers():
     (2, 3, [2]),     # past the last layer
     (0, 4, [2, 6]),  # block 6 was never reserved
     (1, 2, [3]),     # layer 1's block 3 is already written
+    (0, 1, [5, 2, 5]),  # block 5 twice in one chunk
 ])
 def test_a_step_header_that_does_not_fit_is_refused(layer, num_layers, blocks):
     consumer, source = _consumer(), CountingSource()
