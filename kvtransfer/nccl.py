@@ -18,14 +18,17 @@ on the channel's stream at once. When a message's last layer is done, the
 producer gathers the message's blocks of all its layers into a staging buffer
 on the compute stream (kvtransfer/block_copy.py, one launch) and sends it on
 the channel's stream, so sends overlap the next layers' compute. Messages of
-several layers are used because
-NVLink point-to-point moves small messages slower (on 2 H200s,
-benchmarks/gpu_kv_transfer.py: torch.distributed sends 512 MiB at 361 GB/s as
-one message, 270 as 16 MiB ones, 336 as 64 MiB ones; this transport's data
-phase went from 144 GB/s with one 16 MiB layer per message to 235 with 64
-MiB). The consumer receives each message into a ring of staging
-buffers and a side stream scatters it into the reserved blocks while the next
-message arrives. ``finish`` waits, with a deadline, for the last scatter; a
+several layers are used because NVLink point-to-point moves small messages
+slower (on 2 H200s, benchmarks/gpu_kv_transfer.py: torch.distributed sends
+512 MiB at 356 GB/s as one message, about 270 as 16 MiB ones, 329 as 64 MiB
+ones). The consumer receives each message into a ring of staging buffers and
+a side stream scatters it into the reserved blocks while the next message
+arrives. Both ends are host-bound if a message's Python work (posting the
+receive, launching the copy, the events) outlasts its 0.2 ms on the wire,
+which is why the copies take one launch per message: the data phase of 512
+MiB in 64 MiB messages went from 235 GB/s to 347, 0.98 of the one-message
+baseline (benchmarks/results/gpu_kv_transfer_2xh200_2026-11-21_block_copy.json).
+``finish`` waits, with a deadline, for the last scatter; a
 transfer that fails or times out aborts its channel. GPU payloads carry no
 checksum (headers do).
 
