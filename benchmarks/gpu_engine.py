@@ -205,10 +205,11 @@ def main() -> None:
         result["prefill"].append(row)
         print(f"prefill {row['shape']}: {row['tokens_per_s']:.0f} tok/s, {row['tflop_s']:.0f} TFLOP/s "
               f"(MFU {row['mfu_vs_measured_matmul']:.2f} of the measured matmul rate)", flush=True)
-    first = result["decode"][0]
-    result["speedup_vs_transformers_batch1"] = hf * 1e3 / first["step_ms"]
-    print(f"transformers generate, batch 1: {hf * 1e3:.2f} ms/token; engine {first['step_ms']:.2f} ms "
-          f"({result['speedup_vs_transformers_batch1']:.1f}x faster)", flush=True)
+    if not args.no_transformers:
+        first = result["decode"][0]
+        result["speedup_vs_transformers_batch1"] = hf * 1e3 / first["step_ms"]
+        print(f"transformers generate, batch 1: {hf * 1e3:.2f} ms/token; engine {first['step_ms']:.2f} ms "
+              f"({result['speedup_vs_transformers_batch1']:.1f}x faster)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
