@@ -17,7 +17,12 @@ if torch.cuda.is_available():
 os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, so before the first import
 pytest.importorskip("triton")
 
+import triton.runtime.interpreter as _interpreter
+
 from kvtransfer import block_copy
+
+if not isinstance(block_copy._copy_blocks_kernel, _interpreter.InterpretedFunction):
+    pytest.skip("the kernel was imported before TRITON_INTERPRET was set", allow_module_level=True)
 
 
 @pytest.fixture
