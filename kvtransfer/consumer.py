@@ -199,17 +199,15 @@ class KVConsumer:
         ids = list(header.block_ids)
         if list(header.shape) != layout.chunk_shape(len(ids)):
             raise KVTransferError(f"chunk shape {list(header.shape)} does not fit", code="checksum")
-        blocks = set(ids)
-        with state.lock:  # set operations: a GPU step's header names every block of every layer at once
-            bad = [(b, layers.start) for b in blocks - state.dest]
-            if len(blocks) != len(ids):
-                bad.append((next(b for b in ids if ids.count(b) > 1), layers.start))
-            bad += [(min(blocks & state.received[layer]), layer) for layer in layers
-                    if not blocks.isdisjoint(state.received[layer])]
-            if bad:
-                block, layer = bad[0]
-                raise KVTransferError(f"chunk writes block {block} of layer {layer}, not reserved or already "
-                                      "written", code="checksum")
+        blocks = set(ids)  # set operations: a GPU step's header names every block of every layer at once
+        if len(blocks) != len(ids) or not blocks <= state.dest:
+            raise KVTransferError(f"chunk names blocks {sorted(blocks - state.dest)} not reserved, or one twice",
+                                  code="checksum")
+        with state.lock:
+            for layer in layers:
+                if not blocks.isdisjoint(state.received[layer]):
+                    raise KVTransferError(f"chunk writes blocks {sorted(blocks & state.received[layer])} of layer "
+                                          f"{layer} again", code="checksum")
             for layer in layers:
                 state.received[layer].update(blocks)
         nbytes = state.source.apply(header, inline, self.kv_caches, layout)
