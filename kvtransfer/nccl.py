@@ -127,6 +127,11 @@ def _device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
 _producer_channels: dict[str, Channel] = {}
 
 
+def layers_per_message(message_bytes: int, layer_bytes: int, num_layers: int) -> int:
+    """Whole layers in a message of about ``message_bytes``: at least one, at most the step's all."""
+    return min(num_layers, max(1, -(-message_bytes // layer_bytes)))
+
+
 def message_groups(first: int, num_layers: int, per_message: int) -> list[range]:
     """The layers of each message of a step: ``per_message`` at a time (the last may hold fewer)."""
     end = first + num_layers
@@ -142,15 +147,14 @@ class NcclSink:
         self.message_bytes = message_bytes
         self._ids: torch.Tensor | None = None  # the announced step's source blocks, on the device
         self._groups: list[range] = []  # the step's layers, message by message
-        self._caches: list[torch.Tensor] = []  # the current message's layers done so far
+        self._caches: list[torch.Tensor] = []  # the current message's layers done so far (reset at its first)
 
     def announce(self, header: pb.KVChunkHeader, src_block_ids: list[int]) -> bytes:
         num_layers = max(1, header.num_layers)
         layer_bytes = 2 * len(src_block_ids) * self.layout.block_bytes
-        per_message = min(num_layers, max(1, -(-self.message_bytes // layer_bytes)))
+        per_message = layers_per_message(self.message_bytes, layer_bytes, num_layers)
         self._groups = message_groups(header.layer, num_layers, per_message)
         self._ids = _device_ids(src_block_ids, self.channel.device)
-        self._caches = []
         header.layers_per_message = per_message
         header.payload_bytes = layer_bytes * num_layers
         return encode_header(header)
@@ -167,7 +171,6 @@ class NcclSink:
         buffer = torch.empty((len(group), *self.layout.chunk_shape(len(self._ids))), dtype=layer_cache.dtype,
                              device=layer_cache.device)
         gather_blocks(self._caches, self._ids, buffer)
-        self._caches = []
         ready = torch.cuda.Event()
         ready.record()
         stream = self.channel.stream
@@ -280,9 +283,7 @@ class NcclSource:
                         recv_stream.wait_event(scattered)
                     message = buffer[:len(group)]
                     channel.recv(message)
-                    received = torch.cuda.Event()
-                    received.record(recv_stream)
-                    scatter_stream.wait_event(received)
+                    scatter_stream.wait_stream(recv_stream)
                     with torch.cuda.stream(scatter_stream):
                         scatter_blocks(message, [kv_caches[layer] for layer in group], device_ids)
                         scattered = torch.cuda.Event(enable_timing=True)
