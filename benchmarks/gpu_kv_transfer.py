@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import os
 import statistics
@@ -278,8 +277,8 @@ def channel_runs(rank: int, channel, kv: list[torch.Tensor], tensor: torch.Tenso
     """The nccl transport's own pieces between the same two ranks, without the gRPC control path.
 
     ``channel_messages_M_mib``: its ``Channel`` (cupy's NCCL) sends the bytes in M MiB messages, no gather
-    or scatter. ``sink_source_M_mib``: ``NcclSink`` (gather per layer, send per message) into ``NcclSource``
-    (ring of staging buffers, scatter into the blocks), the step's header handed over directly. Against
+    or scatter. ``sink_source_M_mib``: ``NcclSink`` (a gather and a send per message) into ``NcclSource``
+    (ring of staging buffers, a scatter per message), the step's header built on each side instead of sent. Against
     torch.distributed's messages of the same size they split the transport's data phase into what NCCL
     costs and what gathering and scattering cost."""
     from kvtransfer import nccl as nccl_transport
@@ -311,17 +310,20 @@ def channel_runs(rank: int, channel, kv: list[torch.Tensor], tensor: torch.Tenso
                     sink.send_layer(layer, kv[layer])
                 stream.wait_stream(channel.stream)
                 return
-            source = nccl_transport.NcclSource.__new__(nccl_transport.NcclSource)  # its own channel, no pool
-            source._cond, source._next_sequence, source._first, source._last = threading.Condition(), 0, None, None
-            source._channel = concurrent.futures.Future()
-            source._channel.set_result(channel)
+            source = nccl_transport.NcclSource("bench", device)  # takes the channel from the pool
             h = header()
             layer_bytes = 2 * len(ids) * layout.block_bytes
-            h.layers_per_message = min(LAYERS, max(1, -(-(mib << 20) // layer_bytes)))
+            h.layers_per_message = nccl_transport.layers_per_message(mib << 20, layer_bytes, LAYERS)
             h.payload_bytes = layer_bytes * LAYERS
             source.apply(h, memoryview(b""), kv, layout)
-            stream.wait_stream(channel.scatter_stream)
+            source.finish(TIMEOUT_S)
+            source.close()  # and gives it back
         return run
+
+    if rank == 1:  # the consumer's pool holds this channel, as if a transfer had opened it
+        with nccl_transport._pool_lock:
+            nccl_transport._free["bench"].append(channel)
+            nccl_transport._count["bench"] += 1
 
     runs = [(f"channel_messages_{m}_mib", raw(m)) for m in message_mib]
     return runs + [(f"sink_source_{m}_mib", sink_source(m)) for m in message_mib]
