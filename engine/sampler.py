@@ -74,8 +74,9 @@ def _penalize(logits: torch.Tensor, params: list[SamplingParams], output_token_i
     rows_dev, id_rows, ids = ints_dev[:num_rows], ints_dev[num_rows:num_rows + num_ids], ints_dev[num_rows + num_ids:]
     counts = torch.zeros(num_rows, logits.shape[-1], dtype=logits.dtype, device=logits.device)
     counts.index_put_((id_rows, ids), torch.ones(num_ids, dtype=logits.dtype, device=logits.device), accumulate=True)
-    penalty = counts * floats_dev[0, :, None] + (counts > 0) * floats_dev[1, :, None]
-    return logits.index_add(0, rows_dev, penalty, alpha=-1)
+    seen = counts > 0  # the penalty is built in the counts' buffer: [rows, vocab] is large at 128k tokens
+    counts.mul_(floats_dev[0, :, None]).add_(seen * floats_dev[1, :, None])
+    return logits.index_add(0, rows_dev, counts, alpha=-1)
 
 
 class _LogitBiasArrays:
