@@ -115,7 +115,7 @@ async def serve(device: str, message_mib: int, trace: str | None) -> None:
     def compute(request: pb.PrefillRequest) -> None:  # the engine thread's part, as for a 4,096-token prompt
         torch.cuda.set_device(device)
         step = [ScheduledRequest(request.request_id, list(request.prompt_token_ids), 0, list(range(BLOCKS)), True,
-                                 SamplingParams(), None, 0, output_token_ids=[])]
+                                 SamplingParams(), None, output_token_ids=[])]
         producer.begin_step(step)
         for layer in range(LAYERS):
             producer.layer_done(layer)

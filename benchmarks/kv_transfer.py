@@ -72,7 +72,7 @@ async def serve(checksum: bool) -> None:
     def compute(request: pb.PrefillRequest) -> None:  # what the engine thread does for one prompt
         n = len(request.prompt_token_ids)
         step = [ScheduledRequest(request.request_id, list(request.prompt_token_ids), 0, list(range(BLOCKS)),
-                                 True, SamplingParams(), None, 0, output_token_ids=[])]
+                                 True, SamplingParams(), None, output_token_ids=[])]
         producer.begin_step(step)
         for layer in range(LAYERS):
             producer.layer_done(layer)

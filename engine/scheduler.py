@@ -44,7 +44,6 @@ class ScheduledRequest:
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
     sampling: SamplingParams
     generator: torch.Generator | None
-    num_output_tokens: int
     # the request's own list of generated tokens, for its penalties: read during execute, extended by update
     output_token_ids: list[int]
 
@@ -186,7 +185,6 @@ class Scheduler:
             sample=start + num_new == request.num_tokens,
             sampling=request.sampling,
             generator=request.generator,
-            num_output_tokens=request.num_output_tokens,
             output_token_ids=request.output_token_ids,
         ))
         out.num_tokens += num_new
