@@ -54,14 +54,11 @@ def _float_field(value: Any, name: str) -> float:
 
 def _token_id_key(key: Any) -> int:
     """A logit_bias key: an int, or (from JSON, where object keys are strings) a string of one."""
-    if isinstance(key, str):
-        try:
-            key = int(key)
-        except ValueError:
-            raise InvalidRequestError(f"keys must be token ids, got {key!r}", field="logit_bias") from None
-    if isinstance(key, bool) or not isinstance(key, int):
-        raise InvalidRequestError(f"keys must be token ids, got {key!r}", field="logit_bias")
-    if key < 0:
+    if isinstance(key, str):  # decimal digits only: int() would also take "5_0", " +7 " and other scripts' digits
+        if not (key.isascii() and key.isdigit()):
+            raise InvalidRequestError(f"keys must be token ids, got {key!r}", field="logit_bias")
+        key = int(key)
+    if _int_field(key, "logit_bias") < 0:
         raise InvalidRequestError(f"token ids must be >= 0, got {key}", field="logit_bias")
     return key
 

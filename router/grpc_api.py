@@ -36,8 +36,8 @@ def _body(request: api.CompletionRequest) -> tuple[str, dict[str, Any]]:
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         if request.HasField(name):
             body[name] = round(getattr(request, name), 6)
-    if request.logit_bias:  # keys as JSON would have them
-        body["logit_bias"] = {str(token_id): round(bias, 6) for token_id, bias in request.logit_bias.items()}
+    if request.logit_bias:
+        body["logit_bias"] = {token_id: round(bias, 6) for token_id, bias in request.logit_bias.items()}
     if request.stop:
         body["stop"] = list(request.stop)
     kind = request.WhichOneof("prompt")

@@ -17,6 +17,10 @@ from common.sampling import SamplingParams
     ({"logit_bias": {"a": 1}}, "logit_bias"),
     ({"logit_bias": {"-1": 1}}, "logit_bias"),
     ({"logit_bias": {"1.5": 1}}, "logit_bias"),
+    ({"logit_bias": {"5_0": 1}}, "logit_bias"),  # int() would take these three
+    ({"logit_bias": {" 7": 1}}, "logit_bias"),
+    ({"logit_bias": {"\u0663": 1}}, "logit_bias"),
+    ({"logit_bias": {-2: 1}}, "logit_bias"),
     ({"logit_bias": {"1": 100.5}}, "logit_bias"),
     ({"logit_bias": {"1": "x"}}, "logit_bias"),
     ({"logit_bias": {"1": True}}, "logit_bias"),
