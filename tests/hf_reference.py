@@ -52,7 +52,7 @@ class OpenAIPenalties:
         self.logit_bias = logit_bias or {}
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float()
+        scores = scores.float().clone()  # fp32 input: float() is the caller's own tensor
         generated = input_ids[:, self.prompt_len:]
         if generated.shape[1] and (self.presence or self.frequency):
             counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))

@@ -226,8 +226,9 @@ def test_penalties_change_the_greedy_choice_as_the_formula_says() -> None:
         assert out.token_ids == [want], (presence, frequency)
 
 
-def test_prompt_tokens_are_not_penalized() -> None:
-    """Only generated tokens count: nothing generated yet means nothing to penalise."""
+def test_no_generated_tokens_means_no_penalty() -> None:
+    """The sampler penalises only the history it is given; that this is the generated tokens alone, not the
+    prompt, is checked against transformers in test_engine_penalties."""
     logits = torch.tensor([[3.0, 2.0, 1.0]])
     params = SamplingParams(temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0)
     assert sampler()(logits, [params], [None], [[]]).token_ids == [0]
