@@ -3,11 +3,12 @@
 The nccl transport moves a step's blocks through staging buffers, one per
 message of a few layers: the producer gathers a message's blocks into one
 (``gather_blocks``), the consumer scatters a received message into its
-reserved blocks (``scatter_blocks``). Both run beside NCCL's own kernels, which need the same
-HBM, so they must be close to a plain copy. PyTorch's ``index_select`` and
+reserved blocks (``scatter_blocks``). Both run beside NCCL's own kernels,
+which need the same HBM, so they must be close to a plain copy. PyTorch's ``index_select`` and
 ``index_copy_`` compute an offset per element and moved about 1 TB/s on an
 H200 (benchmarks/gpu_kv_transfer.py --trace: 33 µs to gather one 16 MiB
-layer), a quarter of the copy bandwidth; these kernels copy each block as
+layer; benchmarks/results/gpu_kv_transfer_trace_index_ops_2xh200_2026-11-21),
+a quarter of the copy bandwidth; these kernels copy each block as
 one contiguous run of 16-byte vectors.
 
 A layer's cache is ``[2, num_blocks, *block]`` and a staging buffer
