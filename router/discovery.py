@@ -55,6 +55,16 @@ REGISTRY_ENTRY_KEY = "{prefix}:worker:{instance_id}"
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
+def reraise_if_cancelled(error: BaseException | None = None) -> None:
+    """Raise CancelledError if this task was asked to stop. A cancel that lands inside a redis-py call can
+    come out as the client's TimeoutError, or not come out at all; swallowed, the task runs on and whoever
+    awaits it waits forever. So every Redis loop calls this after each round, and every ``except
+    REDIS_ERRORS`` first (so a stop is not reported as an outage)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
+
+
 @dataclass(frozen=True)
 class WorkerEndpoint:
     instance_id: str
@@ -255,6 +265,7 @@ class RedisDiscovery:
                 await self._poll()
             except Exception:  # a bug must not end discovery: the router would freeze its view
                 logger.exception("redis discovery poll failed")
+            reraise_if_cancelled()
 
     async def _poll(self) -> None:
         try:
@@ -266,6 +277,7 @@ class RedisDiscovery:
             keys = [registry_entry_key(self._prefix, m) for m in members]
             values = await self._redis.mget(keys) if keys else []
         except REDIS_ERRORS as e:
+            reraise_if_cancelled(e)
             if not self._failing:
                 logger.warning("worker registry unreachable (%r); keeping the last view of %d workers, "
                                "retrying every %.1fs", e, len(self._view.endpoints), self._poll_interval_s)
@@ -305,6 +317,7 @@ class RedisDiscovery:
                 await self._prune(keys=[registry_index_key(self._prefix)]
                                   + [registry_entry_key(self._prefix, m) for m in gone], args=gone)
             except REDIS_ERRORS as e:
+                reraise_if_cancelled(e)
                 logger.debug("pruning the worker index failed: %r", e)
         self._view.publish(found.values())
 

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from common.errors import ConfigError
-from router.discovery import DEFAULT_PREFIX, REDIS_ERRORS, open_redis
+from router.discovery import DEFAULT_PREFIX, REDIS_ERRORS, open_redis, reraise_if_cancelled
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +249,7 @@ class RedisState:
                     pipe.set(self._block_key(h), instance_id, px=px)
                 await pipe.execute()
         except REDIS_ERRORS as e:
+            reraise_if_cancelled(e)
             self._error("record_prefix", e)
 
     async def lookup_prefix(self, block_hashes: list[int]) -> dict[str, int]:
@@ -258,6 +259,7 @@ class RedisState:
         try:
             owners = await self._redis.mget([self._block_key(h) for h in block_hashes])
         except REDIS_ERRORS as e:
+            reraise_if_cancelled(e)
             self._error("lookup_prefix", e)
             return local
         out = leading_blocks(owners)
@@ -290,12 +292,7 @@ class RedisState:
                 await self._refresh()
             except Exception:  # a bug must not stop the refresh: our counts would expire for everyone
                 logger.exception("shared state refresh failed")
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # a cancel that landed inside a Redis call can come out as the client's TimeoutError,
-                # which _refresh counts and swallows; without this the task would refresh on forever
-                # (a crashed router's counts never expire) and stop() would wait for it forever
-                raise asyncio.CancelledError
+            reraise_if_cancelled()  # or a crashed router's counts would be refreshed on forever
 
     async def _refresh(self) -> None:
         """Publish this router's counts (whole) and read everyone else's: one round trip."""
@@ -307,6 +304,7 @@ class RedisState:
             reply = await self._refresh_script(
                 keys=[f"{self._prefix}:routers", f"{self._prefix}:inflight:{self.router_id}"], args=args)
         except REDIS_ERRORS as e:
+            reraise_if_cancelled(e)
             self._error("refresh", e)
             return
         others: dict[str, tuple[int, int]] = {}

@@ -30,6 +30,7 @@ from router.discovery import (
     open_redis,
     registry_entry_key,
     registry_index_key,
+    reraise_if_cancelled,
     valid_address,
 )
 
@@ -88,6 +89,7 @@ class RedisRegistration:
                 await pipe.execute()
             logger.info("worker %s left the registry", instance_id)
         except REDIS_ERRORS as e:
+            reraise_if_cancelled(e)
             logger.warning("could not remove %s from the registry (%r); it expires within %.1fs",
                            instance_id, e, self._ttl_s)
         finally:
@@ -100,6 +102,7 @@ class RedisRegistration:
                 await self._write()
             except Exception:  # a bug must not stop the heartbeat: the worker would vanish
                 logger.exception("registry heartbeat failed")
+            reraise_if_cancelled()
 
     async def _write(self) -> bool:
         async with self._lock:
@@ -111,6 +114,7 @@ class RedisRegistration:
                     pipe.sadd(registry_index_key(self._prefix), endpoint.instance_id)
                     await pipe.execute()
             except REDIS_ERRORS as e:
+                reraise_if_cancelled(e)
                 if not self._failing:
                     logger.warning("worker registry unreachable (%r); %s retries every %.1fs",
                                    e, endpoint.instance_id, self._ttl_s / 3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import random
 import re
 import threading
 import time
@@ -122,6 +123,25 @@ def test_redis_registry_roles_stop_and_expiry(redis_server: RedisServer) -> None
         await p0.stop()
         await d1.stop()
         await disc.stop()
+
+    asyncio.run(body())
+
+
+def test_stop_ends_discovery_and_heartbeat_whenever_the_cancel_lands(redis_server: RedisServer) -> None:
+    """A cancel arriving inside a Redis call (where redis-py can turn it into its TimeoutError) must end the
+    discovery poll and the registration heartbeat, not come out as an unreachable registry."""
+    async def body() -> None:
+        rng = random.Random(0)
+        for i in range(60):
+            registration = RedisRegistration(redis_server.url, WorkerEndpoint(f"w{i}", "decode", "10.0.0.9:5001"),
+                                             ttl_s=0.06)
+            disc = RedisDiscovery(redis_server.url, poll_interval_s=0.0005)
+            assert await registration.start()
+            await disc.start()
+            await asyncio.sleep(rng.uniform(0.0, 0.01))
+            async with asyncio.timeout(5):
+                await disc.stop()
+                await registration.stop()
 
     asyncio.run(body())
 
