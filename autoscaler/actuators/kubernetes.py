@@ -42,7 +42,7 @@ from typing import Any
 from autoscaler.actuators.base import DECODE, PREFILL, ROLES, ActuatorError, check_role
 from autoscaler.config import AutoscalerConfig
 from common.errors import ConfigError, PdserveError, PermissionDeniedError
-from router.discovery_k8s import default_namespace
+from router.discovery_k8s import default_namespace, load_kubernetes_client
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,6 @@ class KubernetesActuator:
             from kubernetes import client
 
             if self._api_client is None:
-                from router.discovery_k8s import load_kubernetes_client
-
                 self._api_client = load_kubernetes_client(self._kubeconfig)
             self._api = client.AppsV1Api(self._api_client)
         return self._api

@@ -25,13 +25,14 @@ import httpx
 import pytest
 
 from autoscaler.actuators.base import ActuatorError
-from autoscaler.actuators.kubernetes import KubernetesActuator, default_namespace, from_config
+from autoscaler.actuators.kubernetes import KubernetesActuator, from_config
 from autoscaler.config import AutoscalerConfig, SizingConfig
 from autoscaler.forecast import LastValueForecaster
 from autoscaler.service import Autoscaler
 from autoscaler.signals import ScalingSignals
 from common.errors import PermissionDeniedError
 from router.cost_model import CostModel
+from router.discovery_k8s import default_namespace
 from tests.k8s_stand_in import NS, TOKEN, StandInApiServer, send_json, status
 
 SA = "system:serviceaccount:serving:pdserve-autoscaler"
