@@ -328,6 +328,23 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[s
             group.add_argument(_flag(name), dest=name, default=None, metavar=f.name.upper(), help=help_)
 
 
+def config_flags(values: Mapping[str, Any]) -> list[str]:
+    """The inverse of :func:`add_config_args`: ``{"max_num_batched_tokens": 512, "enable_prefix_caching":
+    False}`` -> ``["--max-num-batched-tokens", "512", "--no-enable-prefix-caching"]`` (None is left out,
+    lists are joined with commas as the parser splits them)."""
+    flags: list[str] = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(_flag(name if value else "no_" + name))
+        elif isinstance(value, (list, tuple)):
+            flags += [_flag(name), ",".join(str(v) for v in value)]
+        else:
+            flags += [_flag(name), str(value)]
+    return flags
+
+
 def _field_docs(cls: type) -> dict[str, str]:
     """Field docstrings (the string literal under each field) for --help."""
     import ast

@@ -41,10 +41,10 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from common.config import EngineConfig, RouterConfig, WorkerConfig, build_config
+from common.config import EngineConfig, RouterConfig, WorkerConfig, build_config, config_flags
 from common.errors import ConfigError
 from common.tls import load_tls
-from ray_serve.worker_process import WorkerProcess, config_flags
+from ray_serve.worker_process import WorkerProcess
 from router.routing_config import RoutingConfig
 from router.server import RouterApp
 

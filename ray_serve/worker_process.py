@@ -22,7 +22,6 @@ import logging
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from cli.processes import READY
 from common.rpc import worker_pb2 as pb
@@ -32,22 +31,6 @@ from common.tls import aio_channel, load_tls
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-
-
-def config_flags(values: Mapping[str, Any]) -> list[str]:
-    """``{"max_num_batched_tokens": 512, "enable_prefix_caching": False}`` -> CLI flags of the config tree."""
-    flags: list[str] = []
-    for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, (list, tuple)):
-            flags += [flag, ",".join(str(v) for v in value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

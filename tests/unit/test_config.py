@@ -111,3 +111,17 @@ def test_unknown_override_names_the_option() -> None:
     with pytest.raises(ConfigError) as err:
         build_config(EngineConfig, environ={}, blocksize=8)
     assert err.value.field == "blocksize"
+
+
+def test_config_flags_is_the_inverse_of_the_parser() -> None:
+    """What ray_serve passes a worker's command line parses back to the same values (None left out)."""
+    from common.config import WorkerConfig, config_flags
+
+    values = {"port": 5123, "kv_checksum": False, "prefill_peers": ("10.0.0.1:5001", "10.0.0.2:5001"),
+              "kv_lease_s": 2.5, "redis_url": None}
+    flags = config_flags(values)
+    assert "--no-kv-checksum" in flags and "--redis-url" not in flags
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, WorkerConfig)
+    config = build_config(WorkerConfig, parser.parse_args(flags), environ={})
+    assert {name: getattr(config, name) for name in values} == {**values, "redis_url": WorkerConfig().redis_url}
