@@ -96,11 +96,8 @@ class RouterApp:
 
     asgi: Any
     router: Router
-    tokenizer: Tokenizer
+    settings: ApiSettings
     keys: ApiKeys
-    served_model_name: str
-    max_model_len: int
-    vocab_size: int
     pool: WorkerPool
     discovery: Discovery
     shared: Any
@@ -145,8 +142,8 @@ class RouterApp:
                                max_body_bytes=config.max_body_bytes, instance=instance, vocab_size=vocab_size)
         app = create_app(router, tokenizer, settings, keys=keys, ready=lambda: bool(pool.healthy("decode")))
         asgi = GuardMiddleware(app, keys=keys, max_body_bytes=config.max_body_bytes)
-        return cls(asgi=asgi, router=router, tokenizer=tokenizer, keys=keys, served_model_name=served,
-                   max_model_len=max_model_len, vocab_size=vocab_size, pool=pool, discovery=discovery,
+        logger.info("router %s serving %s with policy %s", instance, served, routing.policy)
+        return cls(asgi=asgi, router=router, settings=settings, keys=keys, pool=pool, discovery=discovery,
                    shared=shared)
 
     async def close(self) -> None:
@@ -162,15 +159,16 @@ async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int
     port = sock.getsockname()[1]
     instance = config.router_id or f"{config.host}:{port}"
     parts = await RouterApp.start(config, routing, instance=instance, block_size=block_size, tls=tls)
-    served = parts.served_model_name
+    settings = parts.settings
     server = uvicorn.Server(uvicorn.Config(parts.asgi, log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=30, timeout_keep_alive=config.keep_alive_s))
     grpc_server = None
     if config.grpc_port is not None:
         grpc_server = grpc.aio.server()
         api_grpc.add_CompletionsServicer_to_server(CompletionsService(
-            parts.router, parts.tokenizer, served_model_name=served, max_model_len=parts.max_model_len,
-            max_n=config.max_n, keys=parts.keys, vocab_size=parts.vocab_size), grpc_server)
+            parts.router, parts.router.tokenizer, served_model_name=settings.served_model_name,
+            max_model_len=settings.max_model_len, max_n=settings.max_n, keys=parts.keys,
+            vocab_size=settings.vocab_size), grpc_server)
         grpc_port = grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
         await grpc_server.start()
         logger.info("gRPC API on %s:%d", config.host, grpc_port)
@@ -180,7 +178,6 @@ async def serve(config: RouterConfig, routing: RoutingConfig, *, block_size: int
             serve_task.result()
         await asyncio.sleep(0.01)
     print(f"PDSERVE_READY role=router address=http://{config.host}:{port}", flush=True)
-    logger.info("router %s serving %s with policy %s", instance, served, routing.policy)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
