@@ -119,8 +119,11 @@ def encode_header(header: pb.KVChunkHeader) -> bytes:
     return _TAG_1_LEN + _varint(len(inner)) + inner
 
 
-def decode_message(raw: bytes) -> tuple[pb.KVChunkHeader, memoryview] | pb.PrefillDone:
-    """A chunk as (verified header, payload view into ``raw``), or a verified PrefillDone."""
+def decode_message(raw: bytes, *, verify_payload: bool = True) -> tuple[pb.KVChunkHeader, memoryview] | pb.PrefillDone:
+    """A chunk as (verified header, payload view into ``raw``), or a verified PrefillDone.
+
+    ``verify_payload=False`` leaves the payload checksum to the caller, who checks it while copying the payload
+    out (:func:`kvtransfer.layout.write_payload`), so the payload is read from memory once, not twice."""
     buf = memoryview(raw)
     if not raw or buf[0] != 0x0A:
         try:
@@ -155,6 +158,11 @@ def decode_message(raw: bytes) -> tuple[pb.KVChunkHeader, memoryview] | pb.Prefi
     if header is None:
         raise KVTransferError("KV chunk without a header")
     verify_header(header)
+    if verify_payload:
+        verify_payload_checksum(header, payload)
+    return header, payload
+
+
+def verify_payload_checksum(header: pb.KVChunkHeader, payload: memoryview) -> None:
     if payload.nbytes and header.payload_checksum and payload_checksum([payload]) != header.payload_checksum:
         raise KVTransferError("KV payload checksum mismatch", code="checksum")
-    return header, payload

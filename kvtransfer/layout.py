@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from common.rpc import worker_pb2 as pb
+
+
+class Hasher(Protocol):
+    def update(self, data: memoryview | bytes | np.ndarray) -> None: ...
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -80,14 +86,23 @@ def payload_views(layer_cache: torch.Tensor, block_ids: list[int]) -> list[memor
     return views
 
 
+HASH_PIECE_BYTES = 256 << 10  # copied right after being hashed, while still in the core's L2 cache
+
+
 def write_payload(layer_cache: torch.Tensor, block_ids: list[int], payload: memoryview | bytes,
-                  layout: KVLayout) -> None:
+                  layout: KVLayout, hasher: Hasher | None = None) -> None:
     """Copy a payload into ``block_ids`` of one layer cache (the consumer's side).
 
     A contiguous host cache takes byte copies with numpy, which release the GIL and stay on the calling
     thread; ``Tensor.copy_`` would start an OpenMP team per call that spins for cores the gRPC threads
-    need. Any other cache goes through :func:`write_payload_torch`, the reference."""
+    need. Any other cache goes through :func:`write_payload_torch`, the reference.
+
+    With a ``hasher`` (``xxhash.xxh3_64()``, say), the payload is fed to it in order, each piece just before it
+    is copied: the received bytes are read from memory once for both. The caller compares the digest
+    afterwards; on a mismatch it must not use the blocks (they are the transfer's own, reserved for it)."""
     if layer_cache.device.type != "cpu" or not layer_cache.is_contiguous():
+        if hasher is not None:
+            hasher.update(payload)
         write_payload_torch(layer_cache, block_ids, payload, layout)
         return
     block_bytes = layout.block_bytes
@@ -99,12 +114,19 @@ def write_payload(layer_cache: torch.Tensor, block_ids: list[int], payload: memo
     if any(start < 0 or end > num_blocks for start, end in runs):
         raise ValueError(f"block ids outside the cache's {num_blocks} blocks")
     dst = layer_cache.view(-1).view(torch.uint8).numpy()  # the layer's bytes: K of every block, then V
+    piece = src.nbytes if hasher is None else HASH_PIECE_BYTES
     offset = 0
     for kv in (0, 1):
         base = kv * num_blocks * block_bytes
         for start, end in runs:
             size = (end - start) * block_bytes
-            np.copyto(dst[base + start * block_bytes:base + end * block_bytes], src[offset:offset + size])
+            to = base + start * block_bytes
+            for i in range(0, size, piece):
+                n = min(piece, size - i)
+                part = src[offset + i:offset + i + n]
+                if hasher is not None:
+                    hasher.update(part)
+                np.copyto(dst[to + i:to + i + n], part)
             offset += size
 
 

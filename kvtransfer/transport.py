@@ -28,6 +28,7 @@ import threading
 from typing import Protocol
 
 import torch
+import xxhash
 
 from common.errors import InvalidRequestError, KVTransferError
 from common.rpc import worker_pb2 as pb
@@ -73,8 +74,10 @@ class PayloadSource(Protocol):
 
     def apply(self, header: pb.KVChunkHeader, inline: memoryview, kv_caches: list[torch.Tensor], layout: KVLayout
               ) -> int:
-        """Write a received chunk's (verified) payload into its blocks of ``kv_caches[header.layer]`` (and of the
-        following layers when the header covers several); returns the payload bytes."""
+        """Write a received chunk's payload into its blocks of ``kv_caches[header.layer]`` (and of the following
+        layers when the header covers several); returns the payload bytes. The header is verified; the payload
+        (``inline``, or wherever the transport put it) is not yet: ``apply`` checks it against
+        ``header.payload_checksum`` when that is set, and raises ``KVTransferError(code="checksum")``."""
         ...
 
     def finish(self, timeout_s: float) -> float | None:
@@ -145,8 +148,11 @@ class GrpcSource:
 
     def apply(self, header: pb.KVChunkHeader, inline: memoryview, kv_caches: list[torch.Tensor], layout: KVLayout
               ) -> int:
-        _check_size(header, layout, inline.nbytes)  # the codec already verified the checksum
-        write_payload(kv_caches[header.layer], list(header.block_ids), inline, layout)
+        _check_size(header, layout, inline.nbytes)
+        hasher = xxhash.xxh3_64() if header.payload_checksum else None  # checked while copying: read once
+        write_payload(kv_caches[header.layer], list(header.block_ids), inline, layout, hasher)
+        if hasher is not None and hasher.intdigest() != header.payload_checksum:
+            raise KVTransferError("KV payload checksum mismatch", code="checksum")
         return inline.nbytes
 
     def finish(self, timeout_s: float) -> float | None:

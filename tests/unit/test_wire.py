@@ -11,9 +11,10 @@ import torch
 
 from common.errors import KVTransferError
 from common.rpc import worker_pb2 as pb
+from kvtransfer import layout as layout_module
 from kvtransfer.codec import decode_message, encode_chunk, seal_done
 from kvtransfer.layout import KVLayout, contiguous_runs, payload_views, write_payload, write_payload_torch
-from kvtransfer.transport import GrpcSink
+from kvtransfer.transport import GrpcSink, GrpcSource
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,6 +109,28 @@ def test_grpc_sink_copies_the_payload_when_sent():
     sink.close()
     with pytest.raises(KVTransferError):
         message.SerializeToString()
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_grpc_source_checks_the_payload_while_writing_it(monkeypatch, corrupt):
+    """The consumer decodes without hashing the payload; GrpcSource hashes it piece by piece as it copies it
+    (several pieces per run here) and refuses a payload that does not match its header."""
+    monkeypatch.setattr(layout_module, "HASH_PIECE_BYTES", 96)
+    layout = KVLayout(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+    src = _cache(layout, 8)
+    header = pb.KVChunkHeader(request_id="r", layer=1, block_ids=[2, 3, 4, 7], dtype="float32",
+                              shape=layout.chunk_shape(4))
+    raw = bytearray(encode_chunk(header, payload_views(src, [0, 1, 2, 5]), checksum=True))
+    if corrupt:
+        raw[-300] ^= 0x10
+    parsed, payload = decode_message(bytes(raw), verify_payload=False)
+    caches = [torch.zeros_like(src), torch.zeros_like(src)]
+    if corrupt:
+        with pytest.raises(KVTransferError, match="payload checksum"):
+            GrpcSource().apply(parsed, payload, caches, layout)
+        return
+    assert GrpcSource().apply(parsed, payload, caches, layout) == 4 * 2 * layout.block_bytes
+    assert torch.equal(caches[1][:, [2, 3, 4, 7]], src[:, [0, 1, 2, 5]]) and caches[0].abs().sum() == 0
 
 
 @pytest.mark.parametrize("where", ["header", "payload", "length"])
