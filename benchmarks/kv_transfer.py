@@ -5,11 +5,27 @@ heads x 128 dims, fp32) from a producer process to this process through the
 real transfer path: ``KVProducer`` hooks (called as the engine would after
 each layer) -> payload sink -> Prefill stream -> ``KVConsumer`` (verify and
 write into a cache). Beside it, in the same run and against the same server
-process, a plain gRPC server stream of the same bytes in the same message
-sizes (4 MiB), received and dropped. Prints GB/s of each and the ratio. Both
-processes set malloc up as workers do (``kvtransfer.host_memory``), unless
-``--default-malloc``. One more variant runs the transport with payload
-checksums off (a worker's ``--no-kv-checksum``), to show what they cost.
+process, a plain gRPC server stream of the same bytes (the producer's KV,
+prepared as 4 MiB ``bytes`` beforehand, so sending reads 256 MiB of distinct
+memory as the transport does) in the same message sizes, received and
+dropped. Prints GB/s of each and the ratio. Both processes set malloc up as
+workers do (``kvtransfer.host_memory``), unless ``--default-malloc``. One more
+variant runs the transport with payload checksums off (a worker's
+``--no-kv-checksum``), to show what they cost.
+
+Two more variants show what any transport through gRPC's Python API must add
+to the plain stream. gRPC sends only ``bytes``, which it copies, and hands
+over each received message as fresh ``bytes``, so moving KV between two paged
+caches takes, on top of the plain stream, one copy out of the producer's cache
+and one into the consumer's. ``copies_only`` is the plain stream plus just
+those two copies per message (no headers, no checks, no threads: the consumer
+copies on the event loop); ``copies_checksums_only`` adds xxh3 of each payload
+on both sides, as the transport's default does.
+
+Each variant's CPU time (user + system, both processes) per transfer is
+reported too. Where the two processes keep every core busy (a 2-vCPU VM),
+throughput follows CPU time, and the plain stream's CPU over a variant's
+bounds that variant's ratio.
 
 Part 2 starts a prefill worker and a decode worker on the demo model and times
 the first token of requests prefilled remotely (KV moved) against requests the
@@ -23,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import struct
@@ -35,6 +52,7 @@ from pathlib import Path
 
 import grpc
 import torch
+import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,16 +60,25 @@ from common.rpc import worker_pb2 as pb
 from common.rpc_convert import sampling_to_proto
 from common.sampling import SamplingParams
 from engine.scheduler import ScheduledRequest
+from kvtransfer.codec import payload_checksum
 from kvtransfer.consumer import KVConsumer
 from kvtransfer.host_memory import keep_transfer_buffers
+from kvtransfer.layout import KVLayout, payload_views, write_payload
 from kvtransfer.producer import KVProducer
 from kvtransfer.transport import make_sink
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 32, 64, 16, 8, 128
 BYTES_METHOD = "/bench.Bytes/Stream"
+COPIES_METHOD = "/bench.Bytes/Copies"
 MAX_MESSAGE = 1 << 30
 TOTAL_BYTES = LAYERS * 2 * BLOCKS * BLOCK_SIZE * HEADS * DIM * 4
 PLAIN_MESSAGE_BYTES = 4 << 20  # the grpc transport's chunk payload (KVProducer's max_chunk_bytes: whole blocks)
+CHUNK_BLOCKS = PLAIN_MESSAGE_BYTES // (2 * BLOCK_SIZE * HEADS * DIM * 4)
+
+
+def _chunks() -> list[tuple[int, list[int]]]:
+    """(layer, block ids) of each message, in the transport's order."""
+    return [(layer, list(range(i, i + CHUNK_BLOCKS))) for layer in range(LAYERS) for i in range(0, BLOCKS, CHUNK_BLOCKS)]
 
 
 def _cache(seed: int) -> list[torch.Tensor]:
@@ -66,8 +93,8 @@ async def serve(checksum: bool) -> None:
     kv = _cache(0)
     loop = asyncio.get_running_loop()
     producer = KVProducer(kv, loop, lease_s=60)
-    chunk = bytes(PLAIN_MESSAGE_BYTES)
     assert producer.max_chunk_bytes == PLAIN_MESSAGE_BYTES, "the baseline's messages must be the transport's"
+    plain_chunks = [b"".join(payload_views(kv[layer], ids)) for layer, ids in _chunks()]  # the same bytes
 
     def compute(request: pb.PrefillRequest) -> None:  # what the engine thread does for one prompt
         n = len(request.prompt_token_ids)
@@ -94,9 +121,14 @@ async def serve(checksum: bool) -> None:
             yield item
 
     async def plain(request: bytes, context):
-        count, = struct.unpack("<I", request)
-        for _ in range(count):
+        for chunk in plain_chunks:
             yield chunk
+
+    async def copies(request: bytes, context):  # the bound: each message copied out of the cache (and hashed)
+        hashed = request == b"\x01"
+        for layer, ids in _chunks():
+            parts = payload_views(kv[layer], ids)
+            yield b"".join([struct.pack("<Q", payload_checksum(parts) if hashed else 0), *parts])
 
     def passthrough(m):
         return m if isinstance(m, bytes) else m.SerializeToString()
@@ -109,7 +141,8 @@ async def serve(checksum: bool) -> None:
             "StreamKV": grpc.unary_stream_rpc_method_handler(stream_kv, pb.StreamKVRequest.FromString,
                                                               passthrough)}),
         grpc.method_handlers_generic_handler("bench.Bytes", {
-            "Stream": grpc.unary_stream_rpc_method_handler(plain, bytes, passthrough)}),
+            "Stream": grpc.unary_stream_rpc_method_handler(plain, bytes, passthrough),
+            "Copies": grpc.unary_stream_rpc_method_handler(copies, bytes, passthrough)}),
     ))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -154,17 +187,60 @@ class PlainRun:
 
     async def once(self) -> float:
         start = time.monotonic()
-        async for _ in self.call(struct.pack("<I", TOTAL_BYTES // PLAIN_MESSAGE_BYTES)):
-            pass
+        count = 0
+        async for message in self.call(b""):
+            count += len(message)
+        assert count == TOTAL_BYTES
         return time.monotonic() - start
 
     async def close(self) -> None:
         await self.channel.close()
 
 
+class CopiesOnlyRun:
+    """The plain stream plus what any transport into a paged cache must add through gRPC's Python API: the
+    producer copies each message out of its cache, this side copies it into one (and, with ``checksums``, both
+    hash it: xxh3, the consumer while copying, as GrpcSource does). No headers, no checks, no thread hops."""
+
+    def __init__(self, address: str, checksums: bool) -> None:
+        self.checksums = checksums
+        self.kv = [torch.zeros(2, BLOCKS, BLOCK_SIZE, HEADS, DIM) for _ in range(LAYERS)]
+        self.layout = KVLayout.of_cache(self.kv)
+        self.channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
+        self.call = self.channel.unary_stream(COPIES_METHOD, request_serializer=bytes, response_deserializer=bytes)
+
+    async def once(self) -> float:
+        start = time.monotonic()
+        chunks = iter(_chunks())
+        async for message in self.call(b"\x01" if self.checksums else b"\x00"):
+            layer, ids = next(chunks)
+            hasher = xxhash.xxh3_64() if self.checksums else None
+            write_payload(self.kv[layer], ids, memoryview(message)[8:], self.layout, hasher)
+            if hasher is not None:
+                assert hasher.intdigest() == struct.unpack_from("<Q", message)[0], "payload checksum mismatch"
+        return time.monotonic() - start
+
+    async def close(self) -> None:
+        reference = _cache(0)
+        assert all(torch.equal(a, b) for a, b in zip(self.kv, reference)), "received KV differs from the sent KV"
+        await self.channel.close()
+
+
+def _cpu_seconds(servers: list[subprocess.Popen]) -> float:
+    """User + system CPU of this process and the producer processes so far (Linux /proc; 0 for them elsewhere)."""
+    total = sum(os.times()[:2])
+    for server in servers:
+        try:
+            fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def part1(repeats: int, default_malloc: bool) -> dict:
-    """Runs interleave (plain, grpc x1, grpc x2, local, grpc x1 without payload checksums, then again), so a
-    slow patch of a shared machine hits every variant alike; each ratio is the median of the per-round ratios
+    """Runs interleave (plain, grpc x1, grpc x2, local, grpc x1 without payload checksums, the two bounds, then
+    again), so a slow patch of a shared machine hits every variant alike; each ratio is the median of the per-round ratios
     to the plain stream. The last variant (a worker's ``--no-kv-checksum``) is served by a second producer
     process, and shows what the payload checksums cost."""
     extra = ["--default-malloc"] if default_malloc else []
@@ -179,28 +255,36 @@ def part1(repeats: int, default_malloc: bool) -> dict:
                         "grpc_1_stream": TransportRun(address, pb.KV_TRANSPORT_GRPC, 1),
                         "grpc_2_streams": TransportRun(address, pb.KV_TRANSPORT_GRPC, 2),
                         "local_shm": TransportRun(address, pb.KV_TRANSPORT_LOCAL, 1),
-                        "grpc_1_stream_no_checksum": TransportRun(unchecked, pb.KV_TRANSPORT_GRPC, 1)}
+                        "grpc_1_stream_no_checksum": TransportRun(unchecked, pb.KV_TRANSPORT_GRPC, 1),
+                        "copies_only": CopiesOnlyRun(address, False),
+                        "copies_checksums_only": CopiesOnlyRun(address, True)}
             out: dict[str, list[float]] = {name: [] for name in variants}
+            cpu: dict[str, float] = {name: 0.0 for name in variants}
             for i in range(repeats + 1):
                 for name, variant in variants.items():
+                    before = _cpu_seconds(servers)
                     seconds = await variant.once()
                     if i:  # the first round warms channels and allocators
                         out[name].append(seconds)
+                        cpu[name] += _cpu_seconds(servers) - before
             for variant in variants.values():
                 await variant.close()
-            return out
+            return out, cpu
 
-        runs = asyncio.run(all_runs())
+        runs, cpu = asyncio.run(all_runs())
     finally:
         for server in servers:
             server.kill()
-    result = {"bytes": size, "rounds": repeats, "gb_per_s": {}, "seconds": {}}
+    result = {"bytes": size, "rounds": repeats, "gb_per_s": {}, "cpu_ms_per_transfer": {}, "seconds": {}}
     for name, times in runs.items():
         result["gb_per_s"][name] = round(size / statistics.median(times) / 1e9, 3)
+        result["cpu_ms_per_transfer"][name] = round(cpu[name] / repeats * 1e3, 1)
         result["seconds"][name] = [round(t, 4) for t in times]
     plain = runs["plain_grpc_stream"]
-    for name in ("grpc_1_stream", "grpc_2_streams", "grpc_1_stream_no_checksum"):
+    for name in ("grpc_1_stream", "grpc_2_streams", "grpc_1_stream_no_checksum", "copies_only",
+                 "copies_checksums_only"):
         result[f"ratio_{name}"] = round(statistics.median(p / t for p, t in zip(plain, runs[name])), 3)
+        result[f"cpu_ratio_{name}"] = round(cpu["plain_grpc_stream"] / cpu[name], 3) if cpu[name] else None
     return result
 
 
@@ -258,6 +342,7 @@ def main() -> None:
     parser.add_argument("--no-checksum", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--transfer-only", action="store_true", help="part 1 only (no TTFT through workers)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc as it is (workers call kvtransfer.host_memory.keep_transfer_buffers, "
                              "and so do both processes of this benchmark unless this is given)")
@@ -271,12 +356,17 @@ def main() -> None:
     transfer["malloc"] = "glibc defaults" if args.default_malloc else "keep_transfer_buffers"
     print(f"256 MiB of KV blocks, median of {args.repeats} interleaved rounds:")
     for name, rate in transfer["gb_per_s"].items():
-        print(f"  {name:20s} {rate:7.3f} GB/s")
+        print(f"  {name:26s} {rate:7.3f} GB/s   CPU {transfer['cpu_ms_per_transfer'][name]:6.1f} ms per transfer")
     print("  ratio grpc transport / plain gRPC stream (median of per-round ratios): "
           f"{transfer['ratio_grpc_1_stream']:.2f} (1 stream), "
           f"{transfer['ratio_grpc_2_streams']:.2f} (2 streams), "
           f"{transfer['ratio_grpc_1_stream_no_checksum']:.2f} (1 stream, no payload checksums)")
-    ttft = part2(args.repeats)
+    print("  plain stream's CPU time / the grpc transport's: "
+          f"{transfer['cpu_ratio_grpc_1_stream']:.2f} (1 stream), {transfer['cpu_ratio_grpc_2_streams']:.2f} (2 streams)")
+    print("  plain stream + only a copy out of one cache and into another: "
+          f"{transfer['ratio_copies_only']:.2f} (CPU {transfer['cpu_ratio_copies_only']:.2f}), with xxh3 both sides "
+          f"{transfer['ratio_copies_checksums_only']:.2f} (CPU {transfer['cpu_ratio_copies_checksums_only']:.2f})")
+    ttft = part2(args.repeats) if not args.transfer_only else {}
     print("time to first token, demo model (median):")
     for n, r in ttft.items():
         print(f"  {n:>5} tokens: disaggregated {r['disaggregated_ms']:8.2f} ms   colocated {r['colocated_ms']:8.2f} ms"
@@ -284,7 +374,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {platform.node()}",
-            "cpus": len(__import__("os").sched_getaffinity(0)), "transfer": transfer, "ttft": ttft},
+            "cpus": len(os.sched_getaffinity(0)), "transfer": transfer, "ttft": ttft},
             indent=2) + "\n")
 
 
