@@ -297,7 +297,7 @@ def part2(repeats: int) -> dict:
 
     tmp = Path(tempfile.mkdtemp())
     model = write_demo_model(tmp / "model")
-    engine = ["--num-blocks", "2048", "--max-num-batched-tokens", "2048"]
+    engine = ["--num-blocks", "2048", "--max-num-batched-tokens", "2048", "--device", "cpu"]  # on a GPU host too
     prefill = worker("prefill", model, tmp, *engine)
     decode = worker("decode", model, tmp, *engine, "--prefill-peers", prefill.address,
                     "--local-prefill-max-tokens", "0")
@@ -367,7 +367,8 @@ def main() -> None:
           f"{transfer['ratio_copies_only']:.2f} (CPU {transfer['cpu_ratio_copies_only']:.2f}), with xxh3 both sides "
           f"{transfer['ratio_copies_checksums_only']:.2f} (CPU {transfer['cpu_ratio_copies_checksums_only']:.2f})")
     ttft = part2(args.repeats) if not args.transfer_only else {}
-    print("time to first token, demo model (median):")
+    if ttft:
+        print("time to first token, demo model (median):")
     for n, r in ttft.items():
         print(f"  {n:>5} tokens: disaggregated {r['disaggregated_ms']:8.2f} ms   colocated {r['colocated_ms']:8.2f} ms"
               f"   ratio {r['ratio']:.2f}")
