@@ -33,6 +33,7 @@ import xxhash
 from common.errors import InvalidRequestError, KVTransferError
 from common.rpc import worker_pb2 as pb
 from kvtransfer.codec import encode_chunk, encode_chunk_frame, payload_checksum
+from kvtransfer.gather import gather
 from kvtransfer.layout import KVLayout, payload_views, write_payload
 
 
@@ -123,7 +124,7 @@ class DeferredChunk:
     def SerializeToString(self) -> bytes:  # the name gRPC handlers call on a response message
         if self.sink.closed:
             raise KVTransferError("the transfer ended before its chunk was sent")
-        return b"".join([self.frame, *self.parts])
+        return gather([self.frame, *self.parts])  # copies with the GIL released: see kvtransfer.gather
 
 
 class GrpcSink:
