@@ -18,8 +18,8 @@ to the plain stream. gRPC sends only ``bytes``, which it copies, and hands
 over each received message as fresh ``bytes``, so moving KV between two paged
 caches takes, on top of the plain stream, one copy out of the producer's cache
 and one into the consumer's. ``copies_only`` is the plain stream plus just
-those two copies per message (no headers, no checks, no threads: the consumer
-copies on the event loop); ``copies_checksums_only`` adds xxh3 of each payload
+those two copies per message, made as the transport makes them (no headers,
+no checks, no threads: the consumer copies on the event loop); ``copies_checksums_only`` adds xxh3 of each payload
 on both sides, as the transport's default does.
 
 Each variant's CPU time (user + system, both processes) per transfer is
@@ -62,6 +62,7 @@ from common.sampling import SamplingParams
 from engine.scheduler import ScheduledRequest
 from kvtransfer.codec import payload_checksum
 from kvtransfer.consumer import KVConsumer
+from kvtransfer.gather import gather
 from kvtransfer.host_memory import keep_transfer_buffers
 from kvtransfer.layout import KVLayout, payload_views, write_payload
 from kvtransfer.producer import KVProducer
@@ -128,7 +129,7 @@ async def serve(checksum: bool) -> None:
         hashed = request == b"\x01"
         for layer, ids in _chunks():
             parts = payload_views(kv[layer], ids)
-            yield b"".join([struct.pack("<Q", payload_checksum(parts) if hashed else 0), *parts])
+            yield gather([struct.pack("<Q", payload_checksum(parts) if hashed else 0), *parts])  # as DeferredChunk
 
     def passthrough(m):
         return m if isinstance(m, bytes) else m.SerializeToString()
