@@ -8,9 +8,10 @@ of: gRPC's own sends hold it for their copies too. So the message is
 allocated uninitialized, as CPython's C code does, and filled by
 ``numpy.copyto``, which releases the GIL while it copies; the worker's other
 threads (gRPC's poller, the engine) run meanwhile. On the 16-core H200 host
-this took the grpc transport from about 0.62 to about 0.74 of a plain gRPC
-stream (``benchmarks/kv_transfer.py``); on a 2-vCPU VM, where both cores are
-busy anyway, it makes no difference.
+``benchmarks/kv_transfer.py`` had the grpc transport at 0.62 of a plain gRPC
+stream before (kv_transfer_2026-11-21_h200host_kv_baseline.json) and at 0.79
+and 0.72 in two runs after (..._gil_free_copy.json, ..._final.json); on a
+2-vCPU VM, where both cores are busy anyway, it makes no difference.
 
 The new object is written only here, before anyone else holds a reference
 to it; it is a plain immutable ``bytes`` from then on. Elsewhere than CPython
