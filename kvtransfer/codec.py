@@ -49,11 +49,21 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise KVTransferError("malformed varint in KV message")
 
 
+def payload_hasher() -> xxhash.xxh3_64:
+    """A running hash of the payload checksum's kind (xxh3-64), for checking a payload while copying it."""
+    return xxhash.xxh3_64()
+
+
 def payload_checksum(parts: Sequence[memoryview | bytes]) -> int:
-    h = xxhash.xxh3_64()
+    h = payload_hasher()
     for p in parts:
         h.update(p)
     return h.intdigest()
+
+
+def check_payload_digest(header: pb.KVChunkHeader, digest: int) -> None:
+    if digest != header.payload_checksum:
+        raise KVTransferError("KV payload checksum mismatch", code="checksum")
 
 
 def seal_header(header: pb.KVChunkHeader) -> bytes:
@@ -123,7 +133,8 @@ def decode_message(raw: bytes, *, verify_payload: bool = True) -> tuple[pb.KVChu
     """A chunk as (verified header, payload view into ``raw``), or a verified PrefillDone.
 
     ``verify_payload=False`` leaves the payload checksum to the caller, who checks it while copying the payload
-    out (:func:`kvtransfer.layout.write_payload`), so the payload is read from memory once, not twice."""
+    out (``payload_hasher`` fed by :func:`kvtransfer.layout.write_payload`, then ``check_payload_digest``), so
+    the payload is read from memory once, not twice."""
     buf = memoryview(raw)
     if not raw or buf[0] != 0x0A:
         try:
@@ -164,5 +175,5 @@ def decode_message(raw: bytes, *, verify_payload: bool = True) -> tuple[pb.KVChu
 
 
 def verify_payload_checksum(header: pb.KVChunkHeader, payload: memoryview) -> None:
-    if payload.nbytes and header.payload_checksum and payload_checksum([payload]) != header.payload_checksum:
-        raise KVTransferError("KV payload checksum mismatch", code="checksum")
+    if payload.nbytes and header.payload_checksum:
+        check_payload_digest(header, payload_checksum([payload]))

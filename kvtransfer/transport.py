@@ -28,11 +28,10 @@ import threading
 from typing import Protocol
 
 import torch
-import xxhash
 
 from common.errors import InvalidRequestError, KVTransferError
 from common.rpc import worker_pb2 as pb
-from kvtransfer.codec import encode_chunk, encode_chunk_frame, payload_checksum
+from kvtransfer.codec import check_payload_digest, encode_chunk, encode_chunk_frame, payload_hasher
 from kvtransfer.gather import gather
 from kvtransfer.layout import KVLayout, payload_views, write_payload
 
@@ -100,6 +99,19 @@ def _check_size(header: pb.KVChunkHeader, layout: KVLayout, nbytes: int) -> None
                               code="checksum")
 
 
+def _write_checked(header: pb.KVChunkHeader, payload: memoryview, kv_caches: list[torch.Tensor], layout: KVLayout
+                   ) -> int:
+    """A CPU transport's ``apply``: write the payload into its blocks, checking it against the header's checksum
+    (when set) as it is copied, so it is read from memory once for both. On a mismatch the transfer fails and
+    its blocks, reserved for it alone, are never decoded from."""
+    _check_size(header, layout, payload.nbytes)
+    hasher = payload_hasher() if header.payload_checksum else None
+    write_payload(kv_caches[header.layer], list(header.block_ids), payload, layout, hasher)
+    if hasher is not None:
+        check_payload_digest(header, hasher.intdigest())
+    return payload.nbytes
+
+
 # --- grpc: payload inline -----------------------------------------------------------------------
 
 
@@ -149,12 +161,7 @@ class GrpcSource:
 
     def apply(self, header: pb.KVChunkHeader, inline: memoryview, kv_caches: list[torch.Tensor], layout: KVLayout
               ) -> int:
-        _check_size(header, layout, inline.nbytes)
-        hasher = xxhash.xxh3_64() if header.payload_checksum else None  # checked while copying: read once
-        write_payload(kv_caches[header.layer], list(header.block_ids), inline, layout, hasher)
-        if hasher is not None and hasher.intdigest() != header.payload_checksum:
-            raise KVTransferError("KV payload checksum mismatch", code="checksum")
-        return inline.nbytes
+        return _write_checked(header, inline, kv_caches, layout)
 
     def finish(self, timeout_s: float) -> float | None:
         return None
@@ -250,10 +257,7 @@ class LocalSource:
 
     def apply(self, header: pb.KVChunkHeader, inline: memoryview, kv_caches: list[torch.Tensor], layout: KVLayout
               ) -> int:
-        view = self._payload(header)
-        _check_size(header, layout, view.nbytes)
-        write_payload(kv_caches[header.layer], list(header.block_ids), view, layout)
-        return view.nbytes
+        return _write_checked(header, self._payload(header), kv_caches, layout)
 
     def finish(self, timeout_s: float) -> float | None:
         self.completed = True
@@ -265,10 +269,7 @@ class LocalSource:
         start, end = header.shm_offset, header.shm_offset + header.payload_bytes
         if end > self.size:
             raise KVTransferError("chunk lies outside the shared-memory segment", code="checksum")
-        view = memoryview(self._map)[start:end]
-        if header.payload_checksum and payload_checksum([view]) != header.payload_checksum:
-            raise KVTransferError("KV payload checksum mismatch", code="checksum")
-        return view
+        return memoryview(self._map)[start:end]
 
     def close(self) -> None:
         if self.completed:
