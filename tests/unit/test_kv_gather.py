@@ -29,7 +29,7 @@ def test_gather_lets_other_threads_run_while_it_copies():
     """A thread that needs the GIL makes progress during one large gather (join would hold it throughout)."""
     if gather_module._API is None:
         pytest.skip("not CPython")
-    source = memoryview(np.ones(64 << 20, dtype=np.uint8))
+    source = memoryview(np.ones(256 << 20, dtype=np.uint8))  # large enough to take milliseconds anywhere
     ticks = []
     stop = threading.Event()
 
