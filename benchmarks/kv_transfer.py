@@ -9,7 +9,11 @@ process, a plain gRPC server stream of the same bytes (the producer's KV,
 prepared as 4 MiB ``bytes`` beforehand, so sending reads 256 MiB of distinct
 memory as the transport does) in the same message sizes, received and
 dropped. Prints GB/s of each and the ratio. Both processes set malloc up as
-workers do (``kvtransfer.host_memory``), unless ``--default-malloc``. One more
+workers do (``kvtransfer.host_memory``), unless ``--default-malloc``, and
+shorten the GIL switch interval as workers do
+(``kvtransfer.packer.set_switch_interval``), unless
+``--default-switch-interval``; the producer packs chunks on its packer thread
+(``kvtransfer.packer``), as workers do. One more
 variant runs the transport with payload checksums off (a worker's
 ``--no-kv-checksum``), to show what they cost.
 
@@ -67,6 +71,7 @@ from kvtransfer.consumer import KVConsumer
 from kvtransfer.gather import gather
 from kvtransfer.host_memory import keep_transfer_buffers
 from kvtransfer.layout import KVLayout, payload_views, write_payload
+from kvtransfer.packer import set_switch_interval
 from kvtransfer.producer import KVProducer
 from kvtransfer.transport import make_sink
 
@@ -241,12 +246,12 @@ def _cpu_seconds(servers: list[subprocess.Popen]) -> float:
     return total
 
 
-def part1(repeats: int, default_malloc: bool) -> dict:
+def part1(repeats: int, default_malloc: bool, default_switch: bool) -> dict:
     """Runs interleave (plain, grpc x1, grpc x2, local, grpc x1 without payload checksums, the two copies-only
     references, then again), so a slow patch of a shared machine hits every variant alike; each ratio is the median of the per-round ratios
     to the plain stream. The last variant (a worker's ``--no-kv-checksum``) is served by a second producer
     process, and shows what the payload checksums cost."""
-    extra = ["--default-malloc"] if default_malloc else []
+    extra = (["--default-malloc"] if default_malloc else []) + (["--default-switch-interval"] if default_switch else [])
     servers = [subprocess.Popen([sys.executable, __file__, "--serve", *extra, *flag], stdout=subprocess.PIPE,
                                 text=True) for flag in ([], ["--no-checksum"])]
     try:
@@ -349,14 +354,20 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc as it is (workers call kvtransfer.host_memory.keep_transfer_buffers, "
                              "and so do both processes of this benchmark unless this is given)")
+    parser.add_argument("--default-switch-interval", action="store_true",
+                        help="leave CPython's GIL switch interval (5 ms) as it is in both processes (workers call "
+                             "kvtransfer.packer.set_switch_interval)")
     args = parser.parse_args()
     if not args.default_malloc:
         keep_transfer_buffers()
+    if not args.default_switch_interval:
+        set_switch_interval()
     if args.serve:
         asyncio.run(serve(not args.no_checksum))
         return
-    transfer = part1(args.repeats, args.default_malloc)
+    transfer = part1(args.repeats, args.default_malloc, args.default_switch_interval)
     transfer["malloc"] = "glibc defaults" if args.default_malloc else "keep_transfer_buffers"
+    transfer["switch_interval_s"] = sys.getswitchinterval()
     print(f"256 MiB of KV blocks, median of {args.repeats} interleaved rounds:")
     for name, rate in transfer["gb_per_s"].items():
         print(f"  {name:26s} {rate:7.3f} GB/s   CPU {transfer['cpu_ms_per_transfer'][name]:6.1f} ms per transfer")

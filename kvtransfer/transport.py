@@ -34,6 +34,7 @@ from common.rpc import worker_pb2 as pb
 from kvtransfer.codec import check_payload_digest, encode_chunk, encode_chunk_frame, payload_hasher
 from kvtransfer.gather import gather
 from kvtransfer.layout import KVLayout, payload_views, write_payload
+from kvtransfer.packer import PENDING, Packer, default_packer
 
 
 class PayloadSink(Protocol):
@@ -116,19 +117,22 @@ def _write_checked(header: pb.KVChunkHeader, payload: memoryview, kv_caches: lis
 
 
 class DeferredChunk:
-    """A chunk message whose payload is copied out of the cache when gRPC serializes it, not when the layer
-    finished: the engine thread may queue a whole prompt's chunks at once, and copies of all of them would be
-    that much fresh memory, page-faulted in for every transfer.
+    """A chunk message whose payload is copied out of the cache after the layer finished: by the process's
+    :class:`~kvtransfer.packer.Packer`, a bounded distance ahead of gRPC, or when gRPC serializes it if the
+    packer has not got to it. Copying every chunk at ``emit`` would hold a whole prompt's KV at once (the engine
+    thread may queue all its chunks together), fresh memory page-faulted in for every transfer.
 
     Its checksums were taken at ``emit``, so a payload that changed in between fails the consumer's check;
     and it refuses to serialize once its sink closed, when the blocks may already belong to someone else.
     Serializing and closing both happen on the event loop."""
 
-    __slots__ = ("frame", "parts", "sink", "nbytes")
+    __slots__ = ("frame", "parts", "sink", "nbytes", "state", "data")
 
     def __init__(self, frame: bytes, parts: list[memoryview], sink: GrpcSink) -> None:
         self.frame, self.parts, self.sink = frame, parts, sink
         self.nbytes = len(frame) + sum(p.nbytes for p in parts)
+        self.state, self.data = PENDING, None
+        sink.packer.submit(self)
 
     def __len__(self) -> int:  # the size of the message it will serialize to
         return self.nbytes
@@ -136,15 +140,20 @@ class DeferredChunk:
     def SerializeToString(self) -> bytes:  # the name gRPC handlers call on a response message
         if self.sink.closed:
             raise KVTransferError("the transfer ended before its chunk was sent")
+        packed = self.sink.packer.take(self)
+        if packed is not None:
+            return packed
         return gather([self.frame, *self.parts])  # copies with the GIL released: see kvtransfer.gather
 
 
 class GrpcSink:
     announces_steps = False
 
-    def __init__(self, checksum: bool) -> None:
+    def __init__(self, checksum: bool, packer: Packer | None = None) -> None:
         self.checksum = checksum
+        self.packer = packer if packer is not None else default_packer()
         self.closed = False
+        self.packed: set[DeferredChunk] = set()  # chunks packed and not yet sent (the packer's lock guards it)
 
     def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]
              ) -> DeferredChunk:
@@ -153,6 +162,7 @@ class GrpcSink:
 
     def close(self, completed: bool = True) -> None:
         self.closed = True
+        self.packer.discard(self)
 
 
 class GrpcSource:

@@ -24,6 +24,7 @@ from common.tls import TlsConfig, add_port
 from engine.async_engine import AsyncEngine
 from engine.core import EngineCore
 from kvtransfer.host_memory import keep_transfer_buffers
+from kvtransfer.packer import set_switch_interval
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ async def serve(role: str, engine_config: EngineConfig, worker_config: WorkerCon
 
 def run(role: str, engine_config: EngineConfig, worker_config: WorkerConfig, tls: TlsConfig | None = None) -> int:
     keep_transfer_buffers()
+    set_switch_interval()  # the engine thread and the KV packer get the GIL from a busy event loop promptly
     try:
         asyncio.run(serve(role, engine_config, worker_config, tls))
     except PdserveError as e:

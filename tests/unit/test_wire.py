@@ -14,6 +14,7 @@ from common.rpc import worker_pb2 as pb
 from kvtransfer import layout as layout_module
 from kvtransfer.codec import decode_message, encode_chunk, seal_done
 from kvtransfer.layout import KVLayout, contiguous_runs, payload_views, write_payload, write_payload_torch
+from kvtransfer.packer import Packer
 from kvtransfer.transport import GrpcSink, GrpcSource
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,8 +89,9 @@ def test_host_write_refuses_what_does_not_fit(dest, nbytes):
 
 
 def test_grpc_sink_copies_the_payload_when_sent():
-    """The grpc sink's message reads the cache when serialized: the same bytes as encode_chunk, checksums
-    taken at emit (so a payload changed in between is refused), and nothing once the sink closed."""
+    """Without a packer running ahead, the grpc sink's message reads the cache when serialized: the same bytes
+    as encode_chunk, checksums taken at emit (so a payload changed in between is refused), and nothing once
+    the sink closed."""
     layout = KVLayout(num_layers=1, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
     src = _cache(layout, 6)
 
@@ -97,7 +99,7 @@ def test_grpc_sink_copies_the_payload_when_sent():
         return pb.KVChunkHeader(request_id="r", layer=0, block_ids=[0, 1, 2], dtype="float32",
                                 shape=layout.chunk_shape(3))
 
-    sink = GrpcSink(checksum=True)
+    sink = GrpcSink(checksum=True, packer=Packer(ahead_bytes=0))
     message = sink.emit(header(), src, [4, 1, 2])
     raw = message.SerializeToString()
     assert raw == encode_chunk(header(), payload_views(src, [4, 1, 2]), checksum=True) and len(message) == len(raw)
