@@ -1,8 +1,9 @@
 """Build a ``bytes`` message from several buffers without holding the GIL while the bytes are copied.
 
 gRPC's Python API sends only ``bytes``, so the grpc transport copies each
-chunk out of the KV cache into one (``DeferredChunk``, when gRPC serializes
-it on the event loop). ``b"".join`` over memoryviews copies with the GIL held,
+chunk out of the KV cache into one (``DeferredChunk``: on the packer's thread,
+``kvtransfer.packer``, or on the event loop when gRPC serializes a chunk the
+packer has not reached). ``b"".join`` over memoryviews copies with the GIL held,
 and in a prefill worker streaming KV the GIL is what the process runs short
 of: gRPC's own sends hold it for their copies too. So the message is
 allocated uninitialized, as CPython's C code does, and filled by
@@ -11,7 +12,8 @@ threads (gRPC's poller, the engine) run meanwhile. On the 16-core H200 host
 ``benchmarks/kv_transfer.py`` had the grpc transport at 0.62 of a plain gRPC
 stream before (kv_transfer_2026-11-21_h200host_kv_baseline.json) and at 0.79
 and 0.72 in two runs after (..._gil_free_copy.json, ..._final.json); on a
-2-vCPU VM, where both cores are busy anyway, it makes no difference.
+2-vCPU VM, where both cores are busy anyway, it makes no difference. (Those
+runs predate the packer; it is what lets this copy leave the event loop.)
 
 The new object is written only here, before anyone else holds a reference
 to it; it is a plain immutable ``bytes`` from then on. Elsewhere than CPython
