@@ -101,8 +101,11 @@ class Packer:
         return data
 
     def discard(self, owner: Owner) -> None:
-        """Drop the packed, unsent chunks of a transfer that ended (``owner.closed`` already set)."""
+        """Drop the chunks of a transfer that ended (``owner.closed`` already set): its packed, unsent ones give
+        their bytes back, and its queued ones leave the queue (they may hold host copies of GPU blocks)."""
         with self._cond:
+            if any(chunk.sink is owner for chunk in self._queue):
+                self._queue = deque(chunk for chunk in self._queue if chunk.sink is not owner)
             for chunk in owner.packed:
                 chunk.state, chunk.data = TAKEN, None
                 self.outstanding -= chunk.nbytes

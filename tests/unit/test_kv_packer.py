@@ -119,6 +119,21 @@ def test_a_closed_transfer_gives_its_packed_chunks_back():
     assert late.state == PENDING and packer.outstanding == 0
 
 
+def test_a_closed_transfer_leaves_the_queue_and_the_others_go_on():
+    cache = _cache()
+    one = _emit(GrpcSink(checksum=False, packer=Packer(0)), cache, [0]).nbytes
+    packer = Packer(ahead_bytes=one)  # the first chunk fills the budget; the rest wait in the queue
+    ended, other = GrpcSink(checksum=False, packer=packer), GrpcSink(checksum=False, packer=packer)
+    first = _emit(ended, cache, [0])
+    _wait_for(lambda: first.state == PACKED)
+    queued = [_emit(ended, cache, [1]), _emit(other, cache, [2]), _emit(ended, cache, [3])]
+    ended.close(completed=False)
+    assert all(chunk.sink is not ended for chunk in packer._queue)
+    _wait_for(lambda: queued[1].state == PACKED)
+    assert queued[1].SerializeToString() == encode_chunk(_header(1), payload_views(cache, [2]), checksum=False)
+    assert packer.outstanding == 0 and [c.state for c in (queued[0], queued[2])] == [PENDING, PENDING]
+
+
 def test_a_failed_pack_leaves_the_copy_to_the_loop(monkeypatch):
     cache = _cache()
 
