@@ -32,9 +32,12 @@ import logging
 import sys
 import threading
 from collections import deque
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from kvtransfer.gather import gather
+
+if TYPE_CHECKING:
+    from kvtransfer.transport import DeferredChunk, GrpcSink
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +45,6 @@ AHEAD_BYTES = 32 << 20  # eight 4 MiB chunks
 SWITCH_INTERVAL_S = 0.0002
 
 PENDING, PACKING, PACKED, TAKEN = range(4)
-
-
-class Owner(Protocol):
-    """What a chunk's transfer offers the packer: whether it ended, and its packed chunks (guarded by the
-    packer's lock)."""
-
-    closed: bool
-    packed: set
-
-
-class Packable(Protocol):
-    frame: bytes
-    parts: list[memoryview]
-    nbytes: int
-    sink: Owner
-    state: int
-    data: bytes | None
 
 
 class Packer:
@@ -73,10 +59,10 @@ class Packer:
         self.ahead_bytes = ahead_bytes
         self.outstanding = 0  # bytes packed or being packed, not yet taken or discarded
         self._cond = threading.Condition()
-        self._queue: deque[Packable] = deque()
+        self._queue: deque[DeferredChunk] = deque()
         self._thread: threading.Thread | None = None
 
-    def submit(self, chunk: Packable) -> None:
+    def submit(self, chunk: DeferredChunk) -> None:
         """Queue a PENDING chunk (the engine thread, as it emits it)."""
         if self.ahead_bytes <= 0:
             return
@@ -87,7 +73,7 @@ class Packer:
                 self._thread.start()
             self._cond.notify_all()
 
-    def take(self, chunk: Packable) -> bytes | None:
+    def take(self, chunk: DeferredChunk) -> bytes | None:
         """The chunk's bytes if packed (waiting while it is being packed), else None: the caller copies it."""
         with self._cond:
             while chunk.state == PACKING:
@@ -100,7 +86,7 @@ class Packer:
                 self._cond.notify_all()
         return data
 
-    def discard(self, owner: Owner) -> None:
+    def discard(self, owner: GrpcSink) -> None:
         """Drop the chunks of a transfer that ended (``owner.closed`` already set): its packed, unsent ones give
         their bytes back, and its queued ones leave the queue (they may hold host copies of GPU blocks)."""
         with self._cond:
