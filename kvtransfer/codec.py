@@ -169,11 +169,6 @@ def decode_message(raw: bytes, *, verify_payload: bool = True) -> tuple[pb.KVChu
     if header is None:
         raise KVTransferError("KV chunk without a header")
     verify_header(header)
-    if verify_payload:
-        verify_payload_checksum(header, payload)
-    return header, payload
-
-
-def verify_payload_checksum(header: pb.KVChunkHeader, payload: memoryview) -> None:
-    if payload.nbytes and header.payload_checksum:
+    if verify_payload and payload.nbytes and header.payload_checksum:
         check_payload_digest(header, payload_checksum([payload]))
+    return header, payload
