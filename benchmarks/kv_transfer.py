@@ -22,8 +22,10 @@ to the plain stream. gRPC sends only ``bytes``, which it copies, and hands
 over each received message as fresh ``bytes``, so moving KV between two paged
 caches takes, on top of the plain stream, one copy out of the producer's cache
 and one into the consumer's. ``copies_only`` is the plain stream plus just
-those two copies per message, made as the transport makes them (no headers,
-no checks, no threads: the consumer copies on the event loop);
+those two copies per message, made with the transport's copy functions
+(``gather``, ``write_payload``) but inline on each side's event loop (no
+headers, no checks, no threads; the transport packs on its packer thread and
+writes on its consumer's pool);
 ``copies_checksums_only`` adds xxh3 of each payload on both sides, as the
 transport's default does. They show the work, not a bound: a transport that
 spreads it over threads can beat them on a machine with cores to spare.

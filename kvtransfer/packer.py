@@ -23,7 +23,8 @@ before (kv_transfer_2026-11-21_h200host_final.json); 0.73 with the packer and
 CPython's 5 ms interval (..._h200host_packer_default_switch.json); 0.81,
 0.83, 0.78 and 0.81 with both (..._h200host_packer_run1-3.json,
 ..._packer_full.json). On a 2-vCPU VM, where both processes keep both cores
-busy, moving work between threads changes nothing (0.6 either way).
+busy, moving work between threads does not help: 0.61 before, 0.57 after
+(..._vm_final.json, ..._vm_packer.json).
 """
 
 from __future__ import annotations
