@@ -68,7 +68,7 @@ from common.rpc import worker_pb2 as pb
 from common.rpc_convert import sampling_to_proto
 from common.sampling import SamplingParams
 from engine.scheduler import ScheduledRequest
-from kvtransfer.codec import payload_checksum, payload_hasher
+from kvtransfer.codec import payload_hasher
 from kvtransfer.consumer import KVConsumer
 from kvtransfer.gather import gather
 from kvtransfer.host_memory import keep_transfer_buffers
@@ -137,8 +137,11 @@ async def serve(checksum: bool) -> None:
     async def copies(request: bytes, context):  # the reference: each message copied out of the cache (and hashed)
         hashed = request == b"\x01"
         for layer, ids in _chunks():
-            parts = payload_views(kv[layer], ids)
-            yield gather([struct.pack("<Q", payload_checksum(parts) if hashed else 0), *parts])  # as DeferredChunk
+            parts = [bytes(8), *payload_views(kv[layer], ids)]
+            if hashed:  # hashed while copied, as DeferredChunk.pack does
+                yield gather(parts, payload_hasher(), lambda digest: struct.pack("<Q", digest))
+            else:
+                yield gather(parts)
 
     def passthrough(m):
         return m if isinstance(m, bytes) else m.SerializeToString()
@@ -210,7 +213,7 @@ class PlainRun:
 class CopiesOnlyRun:
     """The plain stream plus what any transport into a paged cache must add through gRPC's Python API: the
     producer copies each message out of its cache, this side copies it into one (and, with ``checksums``, both
-    hash it: xxh3, the consumer while copying, as GrpcSource does). No headers, no checks, no thread hops."""
+    hash it while copying: xxh3, as DeferredChunk and GrpcSource do). No headers, no checks, no thread hops."""
 
     def __init__(self, address: str, checksums: bool) -> None:
         self.checksums = checksums

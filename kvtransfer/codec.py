@@ -8,7 +8,13 @@ message this parser does not expect go through the protobuf classes.
 
 Every header carries an xxh3-64 checksum of itself (serialized with the
 checksum field zero), and optionally of its payload, so a corrupted or
-truncated message is rejected rather than decoded from.
+truncated message is rejected rather than decoded from. Both checksums have
+bit 63 set (:data:`CHECKSUM_BIT`; a 63-bit hash): never 0, which means "no
+checksum", and always ten bytes as a varint, so a chunk's frame has the same
+length whatever its checksums are. The grpc transport relies on that: it
+lays out a message before its payload is hashed, then hashes the payload
+while copying it in and writes the final frame in front
+(:func:`chunk_frame`, ``kvtransfer.gather``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from common.rpc import worker_pb2 as pb
 
 _TAG_1_LEN = b"\x0a"  # field 1, length-delimited
 _TAG_2_LEN = b"\x12"  # field 2, length-delimited
+CHECKSUM_BIT = 1 << 63
 
 
 def _varint(n: int) -> bytes:
@@ -58,18 +65,19 @@ def payload_checksum(parts: Sequence[memoryview | bytes]) -> int:
     h = payload_hasher()
     for p in parts:
         h.update(p)
-    return h.intdigest()
+    return h.intdigest() | CHECKSUM_BIT
 
 
 def check_payload_digest(header: pb.KVChunkHeader, digest: int) -> None:
-    if digest != header.payload_checksum:
+    """``digest``: a :func:`payload_hasher`'s, fed the payload."""
+    if digest | CHECKSUM_BIT != header.payload_checksum:
         raise KVTransferError("KV payload checksum mismatch", code="checksum")
 
 
 def seal_header(header: pb.KVChunkHeader) -> bytes:
     """Set the header's checksum and return it serialized."""
     header.header_checksum = 0
-    header.header_checksum = xxhash.xxh3_64_intdigest(header.SerializeToString())
+    header.header_checksum = xxhash.xxh3_64_intdigest(header.SerializeToString()) | CHECKSUM_BIT
     return header.SerializeToString()
 
 
@@ -78,7 +86,7 @@ def verify_header(header: pb.KVChunkHeader) -> None:
     copy = pb.KVChunkHeader()
     copy.CopyFrom(header)
     copy.header_checksum = 0
-    if xxhash.xxh3_64_intdigest(copy.SerializeToString()) != claimed:
+    if xxhash.xxh3_64_intdigest(copy.SerializeToString()) | CHECKSUM_BIT != claimed:
         raise KVTransferError("KV chunk header checksum mismatch", code="checksum")
 
 
@@ -112,14 +120,21 @@ def encode_chunk_frame(header: pb.KVChunkHeader, parts: Sequence[memoryview | by
     """The bytes of :func:`encode_chunk`'s message that precede the payload (all of them when it has none):
     the checksums are taken now, the payload can be appended later."""
     size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-    header.payload_bytes = size
-    header.payload_checksum = payload_checksum(parts) if checksum else 0
+    return chunk_frame(header, size, payload_checksum(parts) if checksum else None, inline=inline)
+
+
+def chunk_frame(header: pb.KVChunkHeader, payload_bytes: int, digest: int | None, *, inline: bool = True) -> bytes:
+    """The frame of a chunk whose payload has ``payload_bytes`` and hashes to ``digest`` (a
+    :func:`payload_hasher`'s; None: checksums off). Its length does not depend on ``digest``, so a frame made
+    with ``digest=0`` reserves the room of the final one."""
+    header.payload_bytes = payload_bytes
+    header.payload_checksum = 0 if digest is None else digest | CHECKSUM_BIT
     hdr = seal_header(header)
     inner = _TAG_1_LEN + _varint(len(hdr)) + hdr
-    if not inline or not size:
+    if not inline or not payload_bytes:
         return _TAG_1_LEN + _varint(len(inner)) + inner
-    inner += _TAG_2_LEN + _varint(size)
-    return _TAG_1_LEN + _varint(len(inner) + size) + inner
+    inner += _TAG_2_LEN + _varint(payload_bytes)
+    return _TAG_1_LEN + _varint(len(inner) + payload_bytes) + inner
 
 
 def encode_header(header: pb.KVChunkHeader) -> bytes:

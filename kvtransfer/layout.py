@@ -21,6 +21,8 @@ from common.rpc import worker_pb2 as pb
 class Hasher(Protocol):
     def update(self, data: memoryview | bytes | np.ndarray) -> None: ...
 
+    def intdigest(self) -> int: ...
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

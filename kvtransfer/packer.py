@@ -35,8 +35,6 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
-from kvtransfer.gather import gather
-
 if TYPE_CHECKING:
     from kvtransfer.transport import DeferredChunk, GrpcSink
 
@@ -110,7 +108,7 @@ class Packer:
                 chunk.state = PACKING
                 self.outstanding += chunk.nbytes
             try:
-                data = gather([chunk.frame, *chunk.parts])
+                data = chunk.pack()
             except Exception:  # out of memory, say: the loop copies it when gRPC asks
                 logger.exception("packing a KV chunk failed; it will be copied when sent")
                 data = None

@@ -31,7 +31,7 @@ import torch
 
 from common.errors import InvalidRequestError, KVTransferError
 from common.rpc import worker_pb2 as pb
-from kvtransfer.codec import check_payload_digest, encode_chunk, encode_chunk_frame, payload_hasher
+from kvtransfer.codec import check_payload_digest, chunk_frame, encode_chunk, payload_hasher
 from kvtransfer.gather import gather
 from kvtransfer.layout import KVLayout, payload_views, write_payload
 from kvtransfer.packer import PENDING, Packer, default_packer
@@ -122,20 +122,31 @@ class DeferredChunk:
     packer has not got to it. Copying every chunk at ``emit`` would hold a whole prompt's KV at once (the engine
     thread may queue all its chunks together), fresh memory page-faulted in for every transfer.
 
-    Its checksums were taken at ``emit``, so a payload that changed in between fails the consumer's check;
-    and it refuses to serialize once its sink closed, when the blocks may already belong to someone else.
-    Serializing and closing both happen on the event loop."""
+    The payload checksum is taken as the payload is copied into the message (:meth:`pack`), so it is read from
+    memory once, off the engine thread, and covers exactly the bytes sent. The chunk refuses to serialize once
+    its sink closed, when the blocks may already belong to someone else. Serializing and closing both happen
+    on the event loop."""
 
-    __slots__ = ("frame", "parts", "sink", "nbytes", "state", "data")
+    __slots__ = ("header", "frame", "parts", "sink", "nbytes", "state", "data")
 
-    def __init__(self, frame: bytes, parts: list[memoryview], sink: GrpcSink) -> None:
-        self.frame, self.parts, self.sink = frame, parts, sink
-        self.nbytes = len(frame) + sum(p.nbytes for p in parts)
+    def __init__(self, header: pb.KVChunkHeader, parts: list[memoryview], sink: GrpcSink) -> None:
+        self.header, self.parts, self.sink = header, parts, sink
+        size = sum(p.nbytes for p in parts)
+        # final without checksums; with them, a frame of the final length whose checksums are placeholders
+        self.frame = chunk_frame(header, size, 0 if sink.checksum else None)
+        self.nbytes = len(self.frame) + size
         self.state, self.data = PENDING, None
         sink.packer.submit(self)
 
     def __len__(self) -> int:  # the size of the message it will serialize to
         return self.nbytes
+
+    def pack(self) -> bytes:
+        """The message: the payload copied out of the cache (hashed as it is copied) behind its frame."""
+        if not self.sink.checksum:
+            return gather([self.frame, *self.parts])
+        size = self.nbytes - len(self.frame)
+        return gather([self.frame, *self.parts], payload_hasher(), lambda digest: chunk_frame(self.header, size, digest))
 
     def SerializeToString(self) -> bytes:  # the name gRPC handlers call on a response message
         if self.sink.closed:
@@ -143,7 +154,7 @@ class DeferredChunk:
         packed = self.sink.packer.take(self)
         if packed is not None:
             return packed
-        return gather([self.frame, *self.parts])  # copies with the GIL released: see kvtransfer.gather
+        return self.pack()  # copies with the GIL released: see kvtransfer.gather
 
 
 class GrpcSink:
@@ -157,8 +168,7 @@ class GrpcSink:
 
     def emit(self, header: pb.KVChunkHeader, layer_cache: torch.Tensor, src_block_ids: list[int]
              ) -> DeferredChunk:
-        parts = payload_views(layer_cache, src_block_ids)
-        return DeferredChunk(encode_chunk_frame(header, parts, checksum=self.checksum), parts, self)
+        return DeferredChunk(header, payload_views(layer_cache, src_block_ids), self)
 
     def close(self, completed: bool = True) -> None:
         self.closed = True

@@ -11,7 +11,7 @@ import torch
 
 from common.errors import KVTransferError
 from common.rpc import worker_pb2 as pb
-from kvtransfer import packer as packer_module
+from kvtransfer import transport as transport_module
 from kvtransfer.codec import decode_message, encode_chunk
 from kvtransfer.layout import KVLayout, payload_views
 from kvtransfer.packer import PACKED, PACKING, PENDING, TAKEN, Packer
@@ -80,14 +80,14 @@ def test_the_packer_stays_within_its_budget_and_the_loop_copies_the_rest():
 def test_a_chunk_being_packed_is_waited_for_not_copied_twice(monkeypatch):
     cache = _cache()
     started, release = threading.Event(), threading.Event()
-    real_gather = packer_module.gather
+    real_gather = transport_module.gather
 
-    def slow_gather(parts):
+    def slow_gather(*args):
         started.set()
         release.wait(5)
-        return real_gather(parts)
+        return real_gather(*args)
 
-    monkeypatch.setattr(packer_module, "gather", slow_gather)
+    monkeypatch.setattr(transport_module, "gather", slow_gather)
     packer = Packer()
     chunk = _emit(GrpcSink(checksum=True, packer=packer), cache, [3, 6])
     assert started.wait(5) and chunk.state == PACKING
@@ -137,10 +137,14 @@ def test_a_closed_transfer_leaves_the_queue_and_the_others_go_on():
 def test_a_failed_pack_leaves_the_copy_to_the_loop(monkeypatch):
     cache = _cache()
 
-    def no_memory(parts):
-        raise MemoryError
+    real_gather = transport_module.gather
 
-    monkeypatch.setattr(packer_module, "gather", no_memory)
+    def no_memory_on_the_packer(*args):
+        if threading.current_thread().name == "kv-pack":
+            raise MemoryError
+        return real_gather(*args)
+
+    monkeypatch.setattr(transport_module, "gather", no_memory_on_the_packer)
     packer = Packer()
     chunk = _emit(GrpcSink(checksum=True, packer=packer), cache, [2])
     _wait_for(lambda: packer.outstanding == 0 and chunk.state == PENDING and not packer._queue)

@@ -12,7 +12,7 @@ import torch
 from common.errors import KVTransferError
 from common.rpc import worker_pb2 as pb
 from kvtransfer import layout as layout_module
-from kvtransfer.codec import decode_message, encode_chunk, seal_done
+from kvtransfer.codec import chunk_frame, decode_message, encode_chunk, seal_done
 from kvtransfer.layout import KVLayout, contiguous_runs, payload_views, write_payload, write_payload_torch
 from kvtransfer.packer import Packer
 from kvtransfer.transport import GrpcSink, GrpcSource
@@ -90,8 +90,8 @@ def test_host_write_refuses_what_does_not_fit(dest, nbytes):
 
 def test_grpc_sink_copies_the_payload_when_sent():
     """Without a packer running ahead, the grpc sink's message reads the cache when serialized: the same bytes
-    as encode_chunk, checksums taken at emit (so a payload changed in between is refused), and nothing once
-    the sink closed."""
+    as encode_chunk of the cache as it is then, its checksums taken while copying (so they cover exactly the
+    bytes sent), and nothing once the sink closed."""
     layout = KVLayout(num_layers=1, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
     src = _cache(layout, 6)
 
@@ -106,8 +106,10 @@ def test_grpc_sink_copies_the_payload_when_sent():
     decode_message(raw)
     changed = sink.emit(header(), src, [4, 1, 2])
     src[1, 4] += 1
-    with pytest.raises(KVTransferError, match="payload checksum"):
-        decode_message(changed.SerializeToString())
+    raw = changed.SerializeToString()
+    assert raw == encode_chunk(header(), payload_views(src, [4, 1, 2]), checksum=True)
+    _, payload = decode_message(raw)
+    assert payload == b"".join(payload_views(src, [4, 1, 2]))
     sink.close()
     with pytest.raises(KVTransferError):
         message.SerializeToString()
@@ -149,6 +151,16 @@ def test_corruption_is_detected(where):
         raw = raw[:-3]
     with pytest.raises(KVTransferError):
         decode_message(bytes(raw))
+
+
+def test_chunk_frames_have_the_same_length_whatever_their_checksums():
+    """So the grpc transport can lay a message out before hashing its payload: both checksums have bit 63 set
+    (ten bytes as a varint, never the 0 of "no checksum")."""
+    header = pb.KVChunkHeader(request_id="r", layer=3, block_ids=[0, 1], dtype="float32", shape=[2, 2, 4, 2, 8])
+    frames = [chunk_frame(header, 512, digest) for digest in (0, 1, 1 << 40, (1 << 64) - 1)]
+    assert len({len(f) for f in frames}) == 1
+    assert header.payload_checksum >> 63 == 1 and header.header_checksum >> 63 == 1
+    assert len(chunk_frame(header, 512, None)) < len(frames[0]) and header.payload_checksum == 0
 
 
 def test_done_checksum():
