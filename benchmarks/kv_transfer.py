@@ -213,7 +213,8 @@ class PlainRun:
 class CopiesOnlyRun:
     """The plain stream plus what any transport into a paged cache must add through gRPC's Python API: the
     producer copies each message out of its cache, this side copies it into one (and, with ``checksums``, both
-    hash it while copying: xxh3, as DeferredChunk and GrpcSource do). No headers, no checks, no thread hops."""
+    hash it: xxh3, in one call each, as DeferredChunk and GrpcSource do). No headers, no checks, no thread
+    hops."""
 
     def __init__(self, address: str, checksums: bool) -> None:
         self.checksums = checksums
@@ -227,10 +228,12 @@ class CopiesOnlyRun:
         chunks = iter(_chunks())
         async for message in self.call(b"\x01" if self.checksums else b"\x00"):
             layer, ids = next(chunks)
-            hasher = payload_hasher() if self.checksums else None
-            write_payload(self.kv[layer], ids, memoryview(message)[8:], self.layout, hasher)
-            if hasher is not None:
+            payload = memoryview(message)[8:]
+            if self.checksums:  # checked, then written, as GrpcSource does
+                hasher = payload_hasher()
+                hasher.update(payload)
                 assert hasher.intdigest() == struct.unpack_from("<Q", message)[0], "payload checksum mismatch"
+            write_payload(self.kv[layer], ids, payload, self.layout)
         return time.monotonic() - start
 
     async def close(self) -> None:

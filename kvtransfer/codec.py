@@ -57,7 +57,7 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 def payload_hasher() -> xxhash.xxh3_64:
-    """A running hash of the payload checksum's kind (xxh3-64), for checking a payload while copying it."""
+    """A running hash of the payload checksum's kind (xxh3-64), for hashing a payload as it is packed."""
     return xxhash.xxh3_64()
 
 
@@ -147,9 +147,8 @@ def encode_header(header: pb.KVChunkHeader) -> bytes:
 def decode_message(raw: bytes, *, verify_payload: bool = True) -> tuple[pb.KVChunkHeader, memoryview] | pb.PrefillDone:
     """A chunk as (verified header, payload view into ``raw``), or a verified PrefillDone.
 
-    ``verify_payload=False`` leaves the payload checksum to the caller, who checks it while copying the payload
-    out (``payload_hasher`` fed by :func:`kvtransfer.layout.write_payload`, then ``check_payload_digest``), so
-    the payload is read from memory once, not twice."""
+    ``verify_payload=False`` leaves the payload checksum to the caller (the consumer checks it on its worker
+    threads, beside the copy into the cache, off the event loop that decodes)."""
     buf = memoryview(raw)
     if not raw or buf[0] != 0x0A:
         try:

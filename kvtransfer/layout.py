@@ -10,19 +10,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from common.rpc import worker_pb2 as pb
-
-
-class Hasher(Protocol):
-    def update(self, data: memoryview | bytes | np.ndarray) -> None: ...
-
-    def intdigest(self) -> int: ...
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -88,23 +80,15 @@ def payload_views(layer_cache: torch.Tensor, block_ids: list[int]) -> list[memor
     return views
 
 
-HASH_PIECE_BYTES = 256 << 10  # copied right after being hashed, while still in the core's L2 cache
-
-
 def write_payload(layer_cache: torch.Tensor, block_ids: list[int], payload: memoryview | bytes,
-                  layout: KVLayout, hasher: Hasher | None = None) -> None:
+                  layout: KVLayout) -> None:
     """Copy a payload into ``block_ids`` of one layer cache (the consumer's side).
 
     A contiguous host cache takes byte copies with numpy, which release the GIL and stay on the calling
     thread; ``Tensor.copy_`` would start an OpenMP team per call that spins for cores the gRPC threads
-    need. Any other cache goes through :func:`write_payload_torch`, the reference.
-
-    With a ``hasher`` (``xxhash.xxh3_64()``, say), the payload is fed to it in order, each piece just before it
-    is copied: the received bytes are read from memory once for both. The caller compares the digest
-    afterwards; on a mismatch it must not use the blocks (they are the transfer's own, reserved for it)."""
+    need. One call per contiguous run: each call that releases the GIL must take it back from the busy event
+    loop. Any other cache goes through :func:`write_payload_torch`, the reference."""
     if layer_cache.device.type != "cpu" or not layer_cache.is_contiguous():
-        if hasher is not None:
-            hasher.update(payload)
         write_payload_torch(layer_cache, block_ids, payload, layout)
         return
     block_bytes = layout.block_bytes
@@ -116,19 +100,13 @@ def write_payload(layer_cache: torch.Tensor, block_ids: list[int], payload: memo
     if any(start < 0 or end > num_blocks for start, end in runs):
         raise ValueError(f"block ids outside the cache's {num_blocks} blocks")
     dst = layer_cache.view(-1).view(torch.uint8).numpy()  # the layer's bytes: K of every block, then V
-    piece = src.nbytes if hasher is None else HASH_PIECE_BYTES
     offset = 0
     for kv in (0, 1):
         base = kv * num_blocks * block_bytes
         for start, end in runs:
             size = (end - start) * block_bytes
             to = base + start * block_bytes
-            for i in range(0, size, piece):
-                n = min(piece, size - i)
-                part = src[offset + i:offset + i + n]
-                if hasher is not None:
-                    hasher.update(part)
-                np.copyto(dst[to + i:to + i + n], part)
+            np.copyto(dst[to:to + size], src[offset:offset + size])
             offset += size
 
 

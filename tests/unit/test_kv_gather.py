@@ -53,10 +53,9 @@ def test_gather_lets_other_threads_run_while_it_copies():
 
 
 @pytest.mark.parametrize("sizes", [[12, 5, 9], [12, 1 << 20, 7, (1 << 20) + 3]])
-def test_hashed_gather_hashes_what_it_copies_and_writes_the_head_last(monkeypatch, sizes):
-    """Small messages (one join) and large ones (copied in pieces, each hashed first) alike: the parts after the
-    first are hashed in order, and the first is replaced by what ``head`` makes of the digest."""
-    monkeypatch.setattr(gather_module, "HASH_PIECE_BYTES", 1000)  # several pieces per part
+def test_hashed_gather_hashes_what_it_copies_and_writes_the_head_last(sizes):
+    """Small messages (one join) and large ones (copied, then the copy hashed) alike: the parts after the first
+    are hashed in order, and the first is replaced by what ``head`` makes of the digest."""
     rng = np.random.default_rng(1)
     parts = [memoryview(rng.integers(0, 256, n, dtype=np.uint8)) for n in sizes]
     expected_digest = xxhash.xxh3_64_intdigest(b"".join(parts[1:]))

@@ -11,7 +11,6 @@ import torch
 
 from common.errors import KVTransferError
 from common.rpc import worker_pb2 as pb
-from kvtransfer import layout as layout_module
 from kvtransfer.codec import chunk_frame, decode_message, encode_chunk, seal_done
 from kvtransfer.layout import KVLayout, contiguous_runs, payload_views, write_payload, write_payload_torch
 from kvtransfer.packer import Packer
@@ -116,10 +115,9 @@ def test_grpc_sink_copies_the_payload_when_sent():
 
 
 @pytest.mark.parametrize("corrupt", [False, True])
-def test_grpc_source_checks_the_payload_while_writing_it(monkeypatch, corrupt):
-    """The consumer decodes without hashing the payload; GrpcSource hashes it piece by piece as it copies it
-    (several pieces per run here) and refuses a payload that does not match its header."""
-    monkeypatch.setattr(layout_module, "HASH_PIECE_BYTES", 96)
+def test_grpc_source_checks_the_payload_before_writing_it(corrupt):
+    """The consumer decodes without hashing the payload; GrpcSource hashes it before copying it and refuses a
+    payload that does not match its header, leaving the cache untouched."""
     layout = KVLayout(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
     src = _cache(layout, 8)
     header = pb.KVChunkHeader(request_id="r", layer=1, block_ids=[2, 3, 4, 7], dtype="float32",
@@ -132,6 +130,7 @@ def test_grpc_source_checks_the_payload_while_writing_it(monkeypatch, corrupt):
     if corrupt:
         with pytest.raises(KVTransferError, match="payload checksum"):
             GrpcSource().apply(parsed, payload, caches, layout)
+        assert caches[1].abs().sum() == 0 and caches[0].abs().sum() == 0
         return
     assert GrpcSource().apply(parsed, payload, caches, layout) == 4 * 2 * layout.block_bytes
     assert torch.equal(caches[1][:, [2, 3, 4, 7]], src[:, [0, 1, 2, 5]]) and caches[0].abs().sum() == 0
