@@ -52,7 +52,7 @@ from common.rpc_convert import sampling_to_proto
 from common.sampling import SamplingParams
 from engine.scheduler import ScheduledRequest
 from kvtransfer.consumer import KVConsumer
-from kvtransfer.producer import KVProducer
+from kvtransfer.producer import MAX_CHUNK_BYTES, KVProducer
 from kvtransfer.transport import open_sink
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 32, 256, 16, 8, 128
@@ -339,7 +339,7 @@ async def measure(address: str, mib: int, with_grpc: bool, repeats: int, seconds
         await trace_transfer(address, trace)
     if with_grpc:
         seconds["grpc"], _, exact["grpc"] = await run_transport(address, pb.KV_TRANSPORT_GRPC, repeats, "cuda:1")
-        seconds["plain_grpc"] = await run_plain(address, repeats, 4 << 20)
+        seconds["plain_grpc"] = await run_plain(address, repeats, MAX_CHUNK_BYTES)
 
 
 async def trace_transfer(address: str, trace: str) -> None:

@@ -6,7 +6,7 @@ real transfer path: ``KVProducer`` hooks (called as the engine would after
 each layer) -> payload sink -> Prefill stream -> ``KVConsumer`` (verify and
 write into a cache). Beside it, in the same run and against the same server
 process, a plain gRPC server stream of the same bytes (the producer's KV,
-prepared as 4 MiB ``bytes`` beforehand, so sending reads 256 MiB of distinct
+prepared as 8 MiB ``bytes`` beforehand, so sending reads 256 MiB of distinct
 memory as the transport does) in the same message sizes, received and
 dropped. Prints GB/s of each and the ratio. Both processes set malloc up as
 workers do (``kvtransfer.host_memory``), unless ``--default-malloc``, and
@@ -74,7 +74,7 @@ from kvtransfer.gather import gather
 from kvtransfer.host_memory import keep_transfer_buffers
 from kvtransfer.layout import KVLayout, payload_views, write_payload
 from kvtransfer.packer import set_switch_interval
-from kvtransfer.producer import KVProducer
+from kvtransfer.producer import MAX_CHUNK_BYTES, KVProducer
 from kvtransfer.transport import make_sink
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, DIM = 32, 64, 16, 8, 128
@@ -82,7 +82,7 @@ BYTES_METHOD = "/bench.Bytes/Stream"
 COPIES_METHOD = "/bench.Bytes/Copies"
 MAX_MESSAGE = 1 << 30
 TOTAL_BYTES = LAYERS * 2 * BLOCKS * BLOCK_SIZE * HEADS * DIM * 4
-PLAIN_MESSAGE_BYTES = 4 << 20  # the grpc transport's chunk payload (KVProducer's max_chunk_bytes: whole blocks)
+PLAIN_MESSAGE_BYTES = MAX_CHUNK_BYTES  # the grpc transport's chunk payload (whole blocks; here a whole layer)
 CHUNK_BLOCKS = PLAIN_MESSAGE_BYTES // (2 * BLOCK_SIZE * HEADS * DIM * 4)
 
 

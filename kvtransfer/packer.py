@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-AHEAD_BYTES = 32 << 20  # eight 4 MiB chunks
+AHEAD_BYTES = 32 << 20  # four chunks of kvtransfer.producer.MAX_CHUNK_BYTES
 SWITCH_INTERVAL_S = 0.0002
 
 PENDING, PACKING, PACKED, TAKEN = range(4)

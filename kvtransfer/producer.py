@@ -42,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 END = None  # sentinel closing a stream queue
 
+# A layer's blocks go out in CPU-transport messages of at most this many bytes. Every message costs the
+# event loops on both sides a fixed amount of Python and gRPC work, so bigger messages stream faster; smaller
+# ones put a layer on the wire sooner. benchmarks/kv_transfer.py on the H200 host's CPUs, the grpc transport
+# over a plain gRPC stream sending messages of the same size: 0.55 at 1 MiB, 0.69 at 2, 0.74-0.79 at 4,
+# 0.86-0.91 at 8 (kv_transfer_2026-11-21_h200host_msg*.json).
+MAX_CHUNK_BYTES = 8 << 20
+
 
 @dataclass(slots=True, eq=False)
 class ProducerTransfer:
@@ -79,7 +86,7 @@ class _Planned:
 
 class KVProducer:
     def __init__(self, kv_caches: list[torch.Tensor], loop: asyncio.AbstractEventLoop, *,
-                 lease_s: float, max_chunk_bytes: int = 4 << 20) -> None:
+                 lease_s: float, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
         self.kv_caches = kv_caches
         self.layout = KVLayout.of_cache(kv_caches)
         self.loop = loop
