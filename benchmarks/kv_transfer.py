@@ -68,7 +68,7 @@ from common.rpc import worker_pb2 as pb
 from common.rpc_convert import sampling_to_proto
 from common.sampling import SamplingParams
 from engine.scheduler import ScheduledRequest
-from kvtransfer.codec import payload_hasher
+from kvtransfer.codec import payload_checksum
 from kvtransfer.consumer import KVConsumer
 from kvtransfer.gather import gather
 from kvtransfer.host_memory import keep_transfer_buffers
@@ -138,8 +138,8 @@ async def serve(checksum: bool) -> None:
         hashed = request == b"\x01"
         for layer, ids in _chunks():
             parts = [bytes(8), *payload_views(kv[layer], ids)]
-            if hashed:  # hashed while copied, as DeferredChunk.pack does
-                yield gather(parts, payload_hasher(), lambda digest: struct.pack("<Q", digest))
+            if hashed:  # hashed once copied, as DeferredChunk.pack does
+                yield gather(parts, lambda checksum: struct.pack("<Q", checksum))
             else:
                 yield gather(parts)
 
@@ -230,9 +230,7 @@ class CopiesOnlyRun:
             layer, ids = next(chunks)
             payload = memoryview(message)[8:]
             if self.checksums:  # checked, then written, as GrpcSource does
-                hasher = payload_hasher()
-                hasher.update(payload)
-                assert hasher.intdigest() == struct.unpack_from("<Q", message)[0], "payload checksum mismatch"
+                assert payload_checksum([payload]) == struct.unpack_from("<Q", message)[0], "payload checksum mismatch"
             write_payload(self.kv[layer], ids, payload, self.layout)
         return time.monotonic() - start
 

@@ -13,19 +13,23 @@ bit 63 set (:data:`CHECKSUM_BIT`; a 63-bit hash): never 0, which means "no
 checksum", and always ten bytes as a varint, so a chunk's frame has the same
 length whatever its checksums are. The grpc transport relies on that: it
 lays out a message before its payload is hashed, then hashes the payload
-while copying it in and writes the final frame in front
+once it is copied in and writes the final frame in front
 (:func:`chunk_frame`, ``kvtransfer.gather``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import xxhash
 from google.protobuf.message import DecodeError
 
 from common.errors import KVTransferError
 from common.rpc import worker_pb2 as pb
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _TAG_1_LEN = b"\x0a"  # field 1, length-delimited
 _TAG_2_LEN = b"\x12"  # field 2, length-delimited
@@ -56,21 +60,16 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise KVTransferError("malformed varint in KV message")
 
 
-def payload_hasher() -> xxhash.xxh3_64:
-    """A running hash of the payload checksum's kind (xxh3-64), for hashing a payload as it is packed."""
-    return xxhash.xxh3_64()
-
-
-def payload_checksum(parts: Sequence[memoryview | bytes]) -> int:
-    h = payload_hasher()
+def payload_checksum(parts: Sequence[memoryview | bytes | np.ndarray]) -> int:
+    """The payload checksum of ``parts`` in order: xxh3-64 with :data:`CHECKSUM_BIT` set."""
+    h = xxhash.xxh3_64()
     for p in parts:
         h.update(p)
     return h.intdigest() | CHECKSUM_BIT
 
 
-def check_payload_digest(header: pb.KVChunkHeader, digest: int) -> None:
-    """``digest``: a :func:`payload_hasher`'s, fed the payload."""
-    if digest | CHECKSUM_BIT != header.payload_checksum:
+def check_payload(header: pb.KVChunkHeader, payload: memoryview) -> None:
+    if payload_checksum([payload]) != header.payload_checksum:
         raise KVTransferError("KV payload checksum mismatch", code="checksum")
 
 
@@ -123,12 +122,13 @@ def encode_chunk_frame(header: pb.KVChunkHeader, parts: Sequence[memoryview | by
     return chunk_frame(header, size, payload_checksum(parts) if checksum else None, inline=inline)
 
 
-def chunk_frame(header: pb.KVChunkHeader, payload_bytes: int, digest: int | None, *, inline: bool = True) -> bytes:
-    """The frame of a chunk whose payload has ``payload_bytes`` and hashes to ``digest`` (a
-    :func:`payload_hasher`'s; None: checksums off). Its length does not depend on ``digest``, so a frame made
-    with ``digest=0`` reserves the room of the final one."""
+def chunk_frame(header: pb.KVChunkHeader, payload_bytes: int, checksum: int | None, *, inline: bool = True
+                ) -> bytes:
+    """The frame of a chunk whose payload has ``payload_bytes`` and the :func:`payload_checksum` ``checksum``
+    (None: checksums off). Its length does not depend on ``checksum``, so a frame made with ``checksum=0``
+    reserves the room of the final one."""
     header.payload_bytes = payload_bytes
-    header.payload_checksum = 0 if digest is None else digest | CHECKSUM_BIT
+    header.payload_checksum = 0 if checksum is None else checksum | CHECKSUM_BIT
     hdr = seal_header(header)
     inner = _TAG_1_LEN + _varint(len(hdr)) + hdr
     if not inline or not payload_bytes:
@@ -184,5 +184,5 @@ def decode_message(raw: bytes, *, verify_payload: bool = True) -> tuple[pb.KVChu
         raise KVTransferError("KV chunk without a header")
     verify_header(header)
     if verify_payload and payload.nbytes and header.payload_checksum:
-        check_payload_digest(header, payload_checksum([payload]))
+        check_payload(header, payload)
     return header, payload

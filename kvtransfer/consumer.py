@@ -178,7 +178,7 @@ class KVConsumer:
 
     def _apply(self, raw: bytes, state: _State) -> None:
         try:
-            message = decode_message(raw, verify_payload=False)  # the source checks it as it copies it
+            message = decode_message(raw, verify_payload=False)  # the source checks it before writing it
         except PdserveError:
             raise
         except Exception as e:  # a malformed protobuf

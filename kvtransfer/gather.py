@@ -35,7 +35,8 @@ import platform
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import xxhash
+
+from kvtransfer.codec import payload_checksum
 
 _SMALL = 64 << 10  # below this a join is as cheap as anything
 
@@ -53,21 +54,17 @@ def _cpython_api():
 _API = _cpython_api()
 
 
-def gather(parts: Sequence[bytes | memoryview], hasher: xxhash.xxh3_64 | None = None,
-           head: Callable[[int], bytes] | None = None) -> bytes:
+def gather(parts: Sequence[bytes | memoryview], seal: Callable[[int], bytes] | None = None) -> bytes:
     """``b"".join(parts)``, copying large parts with the GIL released.
 
-    With a ``hasher`` (and ``head``), the copies of every part after the first are fed to it, and the first part
-    is then replaced by ``head(hasher.intdigest())``, which must be as long: a frame stating the checksum of what
-    follows it."""
+    With ``seal``, the first part is then replaced by ``seal(payload_checksum(the copies of the others))``, which
+    must be as long: a frame stating the checksum of what follows it."""
     sizes = [p.nbytes if isinstance(p, memoryview) else len(p) for p in parts]
     total = sum(sizes)
     if _API is None or total < _SMALL:
-        if hasher is None:
+        if seal is None:
             return b"".join(parts)
-        for part in parts[1:]:
-            hasher.update(part)
-        return b"".join([_head(head, hasher, sizes[0]), *parts[1:]])
+        return b"".join([_sealed(seal, payload_checksum(parts[1:]), sizes[0]), *parts[1:]])
     new, address = _API
     out = new(None, total)  # uninitialized; nobody else has it yet
     dest = np.ctypeslib.as_array((ctypes.c_ubyte * total).from_address(address(out)))
@@ -76,17 +73,14 @@ def gather(parts: Sequence[bytes | memoryview], hasher: xxhash.xxh3_64 | None = 
         if size:
             np.copyto(dest[pos:pos + size], np.frombuffer(part, dtype=np.uint8))
         pos += size
-    if hasher is not None:
-        hasher.update(dest[sizes[0]:])  # one call, reading what was just written (still in cache)
-        dest[:sizes[0]] = np.frombuffer(_head(head, hasher, sizes[0]), dtype=np.uint8)
+    if seal is not None:  # one hashing call, reading what was just written (still in cache)
+        dest[:sizes[0]] = np.frombuffer(_sealed(seal, payload_checksum([dest[sizes[0]:]]), sizes[0]), dtype=np.uint8)
     del dest  # the only writable view of ``out`` goes before ``out`` leaves
     return out
 
 
-def _head(head: Callable[[int], bytes] | None, hasher: xxhash.xxh3_64, size: int) -> bytes:
-    if head is None:
-        raise ValueError("a hashed gather needs the head that states the digest")
-    data = head(hasher.intdigest())
-    if len(data) != size:
-        raise ValueError(f"the head is {len(data)} bytes, the room for it {size}")
-    return data
+def _sealed(seal: Callable[[int], bytes], checksum: int, size: int) -> bytes:
+    head = seal(checksum)
+    if len(head) != size:
+        raise ValueError(f"the head is {len(head)} bytes, the room for it {size}")
+    return head

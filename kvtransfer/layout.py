@@ -105,8 +105,7 @@ def write_payload(layer_cache: torch.Tensor, block_ids: list[int], payload: memo
         base = kv * num_blocks * block_bytes
         for start, end in runs:
             size = (end - start) * block_bytes
-            to = base + start * block_bytes
-            np.copyto(dst[to:to + size], src[offset:offset + size])
+            np.copyto(dst[base + start * block_bytes:base + end * block_bytes], src[offset:offset + size])
             offset += size
 
 

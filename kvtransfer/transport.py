@@ -31,7 +31,7 @@ import torch
 
 from common.errors import InvalidRequestError, KVTransferError
 from common.rpc import worker_pb2 as pb
-from kvtransfer.codec import check_payload_digest, chunk_frame, encode_chunk, payload_checksum, payload_hasher
+from kvtransfer.codec import check_payload, chunk_frame, encode_chunk
 from kvtransfer.gather import gather
 from kvtransfer.layout import KVLayout, payload_views, write_payload
 from kvtransfer.packer import PENDING, Packer, default_packer
@@ -109,7 +109,7 @@ def _write_checked(header: pb.KVChunkHeader, payload: memoryview, kv_caches: lis
     second read costs.)"""
     _check_size(header, layout, payload.nbytes)
     if header.payload_checksum:
-        check_payload_digest(header, payload_checksum([payload]))
+        check_payload(header, payload)
     write_payload(kv_caches[header.layer], list(header.block_ids), payload, layout)
     return payload.nbytes
 
@@ -147,7 +147,7 @@ class DeferredChunk:
         if not self.sink.checksum:
             return gather([self.frame, *self.parts])
         size = self.nbytes - len(self.frame)
-        return gather([self.frame, *self.parts], payload_hasher(), lambda digest: chunk_frame(self.header, size, digest))
+        return gather([self.frame, *self.parts], lambda checksum: chunk_frame(self.header, size, checksum))
 
     def SerializeToString(self) -> bytes:  # the name gRPC handlers call on a response message
         if self.sink.closed:

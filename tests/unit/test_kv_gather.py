@@ -10,6 +10,7 @@ import pytest
 import xxhash
 
 from kvtransfer import gather as gather_module
+from kvtransfer.codec import CHECKSUM_BIT
 from kvtransfer.gather import gather
 
 
@@ -55,18 +56,18 @@ def test_gather_lets_other_threads_run_while_it_copies():
 @pytest.mark.parametrize("sizes", [[12, 5, 9], [12, 1 << 20, 7, (1 << 20) + 3]])
 def test_hashed_gather_hashes_what_it_copies_and_writes_the_head_last(sizes):
     """Small messages (one join) and large ones (copied, then the copy hashed) alike: the parts after the first
-    are hashed in order, and the first is replaced by what ``head`` makes of the digest."""
+    are hashed in order, and the first is replaced by what ``head`` makes of their payload checksum."""
     rng = np.random.default_rng(1)
     parts = [memoryview(rng.integers(0, 256, n, dtype=np.uint8)) for n in sizes]
-    expected_digest = xxhash.xxh3_64_intdigest(b"".join(parts[1:]))
+    expected_digest = xxhash.xxh3_64_intdigest(b"".join(parts[1:])) | CHECKSUM_BIT
     seen = []
 
     def head(digest: int) -> bytes:
         seen.append(digest)
         return digest.to_bytes(8, "little") + b"head"
 
-    out = gather(parts, xxhash.xxh3_64(), head)
+    out = gather(parts, head)
     assert seen == [expected_digest]
     assert type(out) is bytes and out == b"".join([head(expected_digest), *parts[1:]])
     with pytest.raises(ValueError, match="head"):
-        gather(parts, xxhash.xxh3_64(), lambda digest: b"too short")
+        gather(parts, lambda digest: b"too short")
