@@ -6,9 +6,9 @@ real transfer path: ``KVProducer`` hooks (called as the engine would after
 each layer) -> payload sink -> Prefill stream -> ``KVConsumer`` (verify and
 write into a cache). Beside it, in the same run and against the same server
 process, a plain gRPC server stream of the same bytes (the producer's KV,
-prepared as 8 MiB ``bytes`` beforehand, so sending reads 256 MiB of distinct
-memory as the transport does) in the same message sizes, received and
-dropped. Prints GB/s of each and the ratio. Both processes set malloc up as
+prepared as ``bytes`` beforehand, so sending reads 256 MiB of distinct
+memory as the transport does) in the same messages (up to the workers' 8 MiB,
+``--message-mib`` to change both), received and dropped. Prints GB/s of each and the ratio. Both processes set malloc up as
 workers do (``kvtransfer.host_memory``), unless ``--default-malloc``, and
 shorten the GIL switch interval as workers do
 (``kvtransfer.packer.set_switch_interval``), unless
@@ -40,7 +40,8 @@ Part 2 starts a prefill worker and a decode worker on the demo model and times
 the first token of requests prefilled remotely (KV moved) against requests the
 decode worker prefills itself, for 512- and 2,000-token prompts.
 
-    python benchmarks/kv_transfer.py [--repeats 5] [--json FILE] [--default-malloc]
+    python benchmarks/kv_transfer.py [--repeats 5] [--json FILE] [--transfer-only] [--message-mib 8]
+                                     [--default-malloc] [--default-switch-interval]
 """
 
 from __future__ import annotations
@@ -82,13 +83,13 @@ BYTES_METHOD = "/bench.Bytes/Stream"
 COPIES_METHOD = "/bench.Bytes/Copies"
 MAX_MESSAGE = 1 << 30
 TOTAL_BYTES = LAYERS * 2 * BLOCKS * BLOCK_SIZE * HEADS * DIM * 4
-PLAIN_MESSAGE_BYTES = MAX_CHUNK_BYTES  # the grpc transport's chunk payload (whole blocks; here a whole layer)
-CHUNK_BLOCKS = PLAIN_MESSAGE_BYTES // (2 * BLOCK_SIZE * HEADS * DIM * 4)
+BLOCK_PAYLOAD = 2 * BLOCK_SIZE * HEADS * DIM * 4  # K and V of one block of one layer
 
 
-def _chunks() -> list[tuple[int, list[int]]]:
-    """(layer, block ids) of each message, in the transport's order."""
-    return [(layer, list(range(i, i + CHUNK_BLOCKS))) for layer in range(LAYERS) for i in range(0, BLOCKS, CHUNK_BLOCKS)]
+def _chunks(message_bytes: int) -> list[tuple[int, list[int]]]:
+    """(layer, block ids) of each message the transport sends with ``max_chunk_bytes=message_bytes``, in order."""
+    n = max(1, message_bytes // BLOCK_PAYLOAD)
+    return [(layer, list(range(i, min(i + n, BLOCKS)))) for layer in range(LAYERS) for i in range(0, BLOCKS, n)]
 
 
 def _cache(seed: int) -> list[torch.Tensor]:
@@ -99,12 +100,12 @@ def _cache(seed: int) -> list[torch.Tensor]:
 # --- producer process --------------------------------------------------------------------------
 
 
-async def serve(checksum: bool) -> None:
+async def serve(checksum: bool, message_bytes: int) -> None:
     kv = _cache(0)
     loop = asyncio.get_running_loop()
-    producer = KVProducer(kv, loop, lease_s=60)
-    assert producer.max_chunk_bytes == PLAIN_MESSAGE_BYTES, "the baseline's messages must be the transport's"
-    plain_chunks = [b"".join(payload_views(kv[layer], ids)) for layer, ids in _chunks()]  # the same bytes
+    producer = KVProducer(kv, loop, lease_s=60, max_chunk_bytes=message_bytes)
+    # the same bytes in the same messages as the transport's
+    plain_chunks = [b"".join(payload_views(kv[layer], ids)) for layer, ids in _chunks(message_bytes)]
 
     def compute(request: pb.PrefillRequest) -> None:  # what the engine thread does for one prompt
         n = len(request.prompt_token_ids)
@@ -136,7 +137,7 @@ async def serve(checksum: bool) -> None:
 
     async def copies(request: bytes, context):  # the reference: each message copied out of the cache (and hashed)
         hashed = request == b"\x01"
-        for layer, ids in _chunks():
+        for layer, ids in _chunks(message_bytes):
             parts = [bytes(8), *payload_views(kv[layer], ids)]
             if hashed:  # hashed once copied, as DeferredChunk.pack does
                 yield gather(parts, lambda checksum: struct.pack("<Q", checksum))
@@ -216,8 +217,8 @@ class CopiesOnlyRun:
     hash it: xxh3, in one call each, as DeferredChunk and GrpcSource do). No headers, no checks, no thread
     hops."""
 
-    def __init__(self, address: str, checksums: bool) -> None:
-        self.checksums = checksums
+    def __init__(self, address: str, checksums: bool, message_bytes: int) -> None:
+        self.checksums, self.message_bytes = checksums, message_bytes
         self.kv = [torch.zeros(2, BLOCKS, BLOCK_SIZE, HEADS, DIM) for _ in range(LAYERS)]
         self.layout = KVLayout.of_cache(self.kv)
         self.channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
@@ -225,7 +226,7 @@ class CopiesOnlyRun:
 
     async def once(self) -> float:
         start = time.monotonic()
-        chunks = iter(_chunks())
+        chunks = iter(_chunks(self.message_bytes))
         async for message in self.call(b"\x01" if self.checksums else b"\x00"):
             layer, ids = next(chunks)
             payload = memoryview(message)[8:]
@@ -252,12 +253,13 @@ def _cpu_seconds(servers: list[subprocess.Popen]) -> float:
     return total
 
 
-def part1(repeats: int, default_malloc: bool, default_switch: bool) -> dict:
+def part1(repeats: int, default_malloc: bool, default_switch: bool, message_mib: int) -> dict:
     """Runs interleave (plain, grpc x1, grpc x2, local, grpc x1 without payload checksums, the two copies-only
-    references, then again), so a slow patch of a shared machine hits every variant alike; each ratio is the median of the per-round ratios
-    to the plain stream. The last variant (a worker's ``--no-kv-checksum``) is served by a second producer
+    references, then again), so a slow patch of a shared machine hits every variant alike; each ratio is the
+    median of the per-round ratios to the plain stream. The last variant (a worker's ``--no-kv-checksum``) is served by a second producer
     process, and shows what the payload checksums cost."""
     extra = (["--default-malloc"] if default_malloc else []) + (["--default-switch-interval"] if default_switch else [])
+    extra += ["--message-mib", str(message_mib)]
     servers = [subprocess.Popen([sys.executable, __file__, "--serve", *extra, *flag], stdout=subprocess.PIPE,
                                 text=True) for flag in ([], ["--no-checksum"])]
     try:
@@ -270,8 +272,8 @@ def part1(repeats: int, default_malloc: bool, default_switch: bool) -> dict:
                         "grpc_2_streams": TransportRun(address, pb.KV_TRANSPORT_GRPC, 2),
                         "local_shm": TransportRun(address, pb.KV_TRANSPORT_LOCAL, 1),
                         "grpc_1_stream_no_checksum": TransportRun(unchecked, pb.KV_TRANSPORT_GRPC, 1),
-                        "copies_only": CopiesOnlyRun(address, False),
-                        "copies_checksums_only": CopiesOnlyRun(address, True)}
+                        "copies_only": CopiesOnlyRun(address, False, message_mib << 20),
+                        "copies_checksums_only": CopiesOnlyRun(address, True, message_mib << 20)}
             out: dict[str, list[float]] = {name: [] for name in variants}
             cpu: dict[str, float] = {name: 0.0 for name in variants}
             for i in range(repeats + 1):
@@ -289,7 +291,8 @@ def part1(repeats: int, default_malloc: bool, default_switch: bool) -> dict:
     finally:
         for server in servers:
             server.kill()
-    result = {"bytes": size, "rounds": repeats, "gb_per_s": {}, "cpu_ms_per_transfer": {}, "seconds": {}}
+    result = {"bytes": size, "message_bytes": message_mib << 20, "rounds": repeats, "gb_per_s": {},
+              "cpu_ms_per_transfer": {}, "seconds": {}}
     for name, times in runs.items():
         result["gb_per_s"][name] = round(size / statistics.median(times) / 1e9, 3)
         result["cpu_ms_per_transfer"][name] = round(cpu[name] / repeats * 1e3, 1)
@@ -356,6 +359,9 @@ def main() -> None:
     parser.add_argument("--no-checksum", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--message-mib", type=int, default=MAX_CHUNK_BYTES >> 20,
+                        help="part 1: the transport's largest chunk (KVProducer's max_chunk_bytes) and so the plain "
+                             "stream's message size (default: the workers', kvtransfer.producer.MAX_CHUNK_BYTES)")
     parser.add_argument("--transfer-only", action="store_true", help="part 1 only (no TTFT through workers)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc as it is (workers call kvtransfer.host_memory.keep_transfer_buffers, "
@@ -369,9 +375,9 @@ def main() -> None:
     if not args.default_switch_interval:
         set_switch_interval()
     if args.serve:
-        asyncio.run(serve(not args.no_checksum))
+        asyncio.run(serve(not args.no_checksum, args.message_mib << 20))
         return
-    transfer = part1(args.repeats, args.default_malloc, args.default_switch_interval)
+    transfer = part1(args.repeats, args.default_malloc, args.default_switch_interval, args.message_mib)
     transfer["malloc"] = "glibc defaults" if args.default_malloc else "keep_transfer_buffers"
     transfer["switch_interval_s"] = sys.getswitchinterval()
     print(f"256 MiB of KV blocks, median of {args.repeats} interleaved rounds:")
