@@ -46,8 +46,9 @@ END = None  # sentinel closing a stream queue
 # event loops on both sides a fixed amount of Python and gRPC work, so bigger messages stream faster; smaller
 # ones put a layer on the wire sooner. `benchmarks/kv_transfer.py --transfer-only --message-mib N` on the H200
 # host's CPUs (16 cores), the grpc transport over a plain gRPC stream sending messages of the same size:
-# 0.54-0.56 at 1 MiB, 0.68-0.69 at 2, 0.74-0.79 at 4, 0.85-0.94 at 8 (kv_transfer_2026-11-21_h200host_msg*.json,
-# ..._h200host_8mib_*.json). On a 2-vCPU VM, 0.64 at 8 MiB (..._vm_8mib.json) against 0.57-0.61 at 4.
+# 0.54-0.61 at 1 MiB, 0.68-0.76 at 2, 0.74-0.80 at 4, 0.85-0.94 at 8 (kv_transfer_2026-11-21_h200host_sweep_*.json,
+# ..._h200host_msg*.json, ..._h200host_8mib_*.json). On a 2-vCPU VM, 0.64 at 8 MiB (..._vm_8mib.json) against
+# 0.57-0.61 at 4.
 MAX_CHUNK_BYTES = 8 << 20
 
 
